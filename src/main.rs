@@ -1,1 +1,152 @@
-fn main() {}
+//! Wiring only: configuration (exit 2 on error), logging, client, collector
+//! thread, HTTP server until SIGTERM/SIGINT, then a clean exit 0.
+
+mod collect;
+mod collector;
+mod config;
+mod metrics;
+mod prefect;
+mod server;
+mod snapshot;
+
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use config::{Config, ConfigError, SETTINGS};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+/// Exit codes: 2 for anything the user must fix in the settings, 1 for a
+/// failure at run time (the port is taken).
+const EXIT_CONFIG: i32 = 2;
+const EXIT_RUNTIME: i32 = 1;
+
+/// How long shutdown waits for a collection in flight: its requests only read,
+/// so abandoning one loses nothing.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
+
+fn main() {
+    std::process::exit(run());
+}
+
+fn run() -> i32 {
+    if let Some(arg) = std::env::args().nth(1) {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                print!("{}", help());
+                return 0;
+            }
+            "-V" | "--version" => {
+                println!("prefect-exporter {}", env!("CARGO_PKG_VERSION"));
+                return 0;
+            }
+            _ => return fail(&ConfigError::UnknownArgument(arg)),
+        }
+    }
+    let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let client = match prefect::Client::new(&config) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    init_logging(config.log_level);
+    log::info!(
+        "prefect-exporter {} starting: {config}",
+        env!("CARGO_PKG_VERSION")
+    );
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
+
+    let (http, bound) = match server::bind(config.address, config.port) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot listen on {e} (check EXPORTER_ADDRESS and EXPORTER_PORT)");
+            return EXIT_RUNTIME;
+        }
+    };
+    let http = Arc::new(http);
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    let signal_http = Arc::clone(&http);
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
+            log::info!("{name} received, shutting down");
+            signal_http.unblock();
+        }
+    });
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let collector_metrics = Arc::clone(&metrics);
+    let spawned = std::thread::Builder::new()
+        .name("collector".into())
+        .spawn(move || {
+            collector::run(client, config, collector_metrics, stop_rx);
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the collector thread: {e}");
+        return EXIT_RUNTIME;
+    }
+
+    log::info!("listening on http://{bound}/metrics");
+    server::serve(&http, &metrics);
+
+    drop(stop_tx);
+    if done_rx.recv_timeout(SHUTDOWN_GRACE).is_err() {
+        log::debug!("a collection was still in flight at shutdown; abandoned");
+    }
+    log::info!("stopped");
+    0
+}
+
+fn fail(e: &ConfigError) -> i32 {
+    eprintln!("prefect-exporter: {e}");
+    EXIT_CONFIG
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(log::LevelFilter::Off)
+        .set_target_level(log::LevelFilter::Off)
+        .set_location_level(log::LevelFilter::Off)
+        // Only our own lines: the HTTP and TLS libraries log request headers at
+        // TRACE, and headers carry the credentials.
+        .add_filter_allow_str("prefect_exporter")
+        .build();
+    // Fails only if a logger is already set, which cannot happen here.
+    let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+}
+
+fn help() -> String {
+    let mut out = format!(
+        "prefect-exporter {}\n\
+         Prometheus exporter for Prefect: collects flow-run counts from the Prefect REST API\n\
+         every EXPORTER_INTERVAL seconds and serves them on /metrics.\n\n\
+         Usage: prefect-exporter [--help | --version]\n\n\
+         Settings (environment variables):\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    let width = SETTINGS.iter().map(|(n, _, _)| n.len()).max().unwrap_or(0);
+    for (name, default, meaning) in SETTINGS {
+        out.push_str(&format!(
+            "  {name:width$}  {meaning} (default: {default})\n"
+        ));
+    }
+    out.push_str(
+        "\nEndpoints: /metrics, /healthz (liveness), /readyz (readiness), / (index).\n\
+         Exit codes: 0 after SIGTERM/SIGINT, 2 for a bad setting, 1 when the port cannot be bound.\n",
+    );
+    out
+}

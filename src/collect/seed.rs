@@ -1,0 +1,193 @@
+//! The six specified metrics: four flow-run counts and the watched flows that
+//! have no deployment. Each is one count/filter request, so the cost does not
+//! grow with the number of runs.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::prefect::{ApiError, Client};
+use crate::snapshot::SeedCounts;
+
+/// State names, as Prefect stores them (exact and case-sensitive).
+pub const SUCCESS_STATES: &[&str] = &["Completed", "Cached"];
+pub const ERROR_STATES: &[&str] = &["RolledBack", "Failed", "TimedOut", "Crashed", "Suspended"];
+pub const WARNING_STATES: &[&str] = &["Cancelling", "Cancelled", "Paused", "Retrying"];
+
+/// Prefect refuses list requests with a larger limit (422).
+pub const PAGE_SIZE: usize = 200;
+
+#[derive(Serialize, Default)]
+struct FlowRunCount<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flow_runs: Option<FlowRunFilter<'a>>,
+}
+
+#[derive(Serialize)]
+struct FlowRunFilter<'a> {
+    state: StateFilter<'a>,
+}
+
+#[derive(Serialize)]
+struct StateFilter<'a> {
+    name: AnyOf<'a, &'a str>,
+}
+
+#[derive(Serialize)]
+struct AnyOf<'a, T> {
+    any_: &'a [T],
+}
+
+#[derive(Serialize)]
+struct FlowsWithDeployment<'a> {
+    flows: FlowFilter<'a>,
+    limit: usize,
+}
+
+#[derive(Serialize)]
+struct FlowFilter<'a> {
+    name: AnyOf<'a, String>,
+    deployment: IsNull,
+}
+
+#[derive(Serialize)]
+struct IsNull {
+    is_null_: bool,
+}
+
+#[derive(Deserialize)]
+struct Flow {
+    name: String,
+}
+
+pub fn collect(
+    client: &mut Client,
+    watched: &[String],
+    deadline: Instant,
+) -> Result<SeedCounts, ApiError> {
+    let total = count(client, None, deadline)?;
+    let successes = count(client, Some(SUCCESS_STATES), deadline)?;
+    let errors = count(client, Some(ERROR_STATES), deadline)?;
+    let warnings = count(client, Some(WARNING_STATES), deadline)?;
+    let missing_deployments = missing_deployments(client, watched, deadline)?;
+    Ok(SeedCounts {
+        total,
+        successes,
+        errors,
+        warnings,
+        missing_deployments,
+    })
+}
+
+fn count(client: &mut Client, states: Option<&[&str]>, deadline: Instant) -> Result<u64, ApiError> {
+    let body = FlowRunCount {
+        flow_runs: states.map(|names| FlowRunFilter {
+            state: StateFilter {
+                name: AnyOf { any_: names },
+            },
+        }),
+    };
+    client.post("/flow_runs/count", &body, deadline)
+}
+
+/// Asks which of the watched flows have at least one deployment, 200 names per
+/// request; no request at all when nothing is watched.
+fn missing_deployments(
+    client: &mut Client,
+    watched: &[String],
+    deadline: Instant,
+) -> Result<u64, ApiError> {
+    let mut found = Vec::new();
+    for page in watched.chunks(PAGE_SIZE) {
+        let body = FlowsWithDeployment {
+            flows: FlowFilter {
+                name: AnyOf { any_: page },
+                deployment: IsNull { is_null_: false },
+            },
+            limit: PAGE_SIZE,
+        };
+        let flows: Vec<Flow> = client.post("/flows/filter", &body, deadline)?;
+        found.extend(flows.into_iter().map(|f| f.name));
+    }
+    Ok(count_missing(watched, &found))
+}
+
+/// A flow that does not exist at all is missing too: only names the server
+/// returned as having a deployment count as present.
+pub fn count_missing(watched: &[String], found: &[String]) -> u64 {
+    let found: HashSet<&str> = found.iter().map(String::as_str).collect();
+    watched
+        .iter()
+        .filter(|n| !found.contains(n.as_str()))
+        .count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn missing_counts_unknown_and_undeployed_flows() {
+        let watched = names(&["flow-a", "flow-b", "flow-nope"]);
+        assert_eq!(count_missing(&watched, &names(&["flow-a"])), 2);
+        assert_eq!(
+            count_missing(&watched, &names(&["flow-a", "flow-b", "flow-nope"])),
+            0
+        );
+        assert_eq!(count_missing(&[], &[]), 0);
+        // An unexpected extra name from the server cannot make the count negative.
+        assert_eq!(count_missing(&names(&["a"]), &names(&["a", "b"])), 0);
+    }
+
+    #[test]
+    fn state_lists_match_the_specification() {
+        assert_eq!(
+            SUCCESS_STATES.len() + ERROR_STATES.len() + WARNING_STATES.len(),
+            11
+        );
+        let all: HashSet<_> = SUCCESS_STATES
+            .iter()
+            .chain(ERROR_STATES)
+            .chain(WARNING_STATES)
+            .collect();
+        assert_eq!(all.len(), 11, "a state name is in two groups");
+    }
+
+    #[test]
+    fn count_bodies_are_the_documented_filters() {
+        let all = serde_json::to_string(&FlowRunCount::default()).unwrap();
+        assert_eq!(all, "{}");
+        let ok = serde_json::to_string(&FlowRunCount {
+            flow_runs: Some(FlowRunFilter {
+                state: StateFilter {
+                    name: AnyOf {
+                        any_: SUCCESS_STATES,
+                    },
+                },
+            }),
+        })
+        .unwrap();
+        assert_eq!(
+            ok,
+            r#"{"flow_runs":{"state":{"name":{"any_":["Completed","Cached"]}}}}"#
+        );
+        let watched = names(&["flow-a"]);
+        let flows = serde_json::to_string(&FlowsWithDeployment {
+            flows: FlowFilter {
+                name: AnyOf { any_: &watched },
+                deployment: IsNull { is_null_: false },
+            },
+            limit: PAGE_SIZE,
+        })
+        .unwrap();
+        assert_eq!(
+            flows,
+            r#"{"flows":{"name":{"any_":["flow-a"]},"deployment":{"is_null_":false}},"limit":200}"#
+        );
+    }
+}

@@ -1,0 +1,661 @@
+//! Settings, read once from the environment and validated before anything starts,
+//! so that a typo is one clear line and exit code 2 instead of a running exporter
+//! that silently reports nothing.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+pub const DEFAULT_API_URL: &str = "http://127.0.0.1:4200/api";
+pub const DEFAULT_PORT: u16 = 8080;
+pub const DEFAULT_INTERVAL_SECS: u64 = 30;
+pub const DEFAULT_MAX_REQUEST_TIMEOUT_SECS: f64 = 60.0;
+pub const DEFAULT_MAX_RETRIES: u32 = 5;
+
+/// Every variable the exporter reads, with its default and meaning: the single
+/// source for `--help` and the README table.
+pub const SETTINGS: &[(&str, &str, &str)] = &[
+    (
+        "PREFECT_API_URL",
+        DEFAULT_API_URL,
+        "Prefect API base URL (self-hosted .../api or a Prefect Cloud workspace URL)",
+    ),
+    (
+        "PREFECT_API_AUTH_STRING",
+        "unset",
+        "user:pass for a self-hosted server with basic auth (wins over the key)",
+    ),
+    (
+        "PREFECT_API_KEY",
+        "unset",
+        "Prefect Cloud API key, sent as a Bearer token",
+    ),
+    (
+        "PREFECT_API_REQUEST_TIMEOUT",
+        "min(60, EXPORTER_INTERVAL)",
+        "seconds one request to Prefect may take",
+    ),
+    (
+        "PREFECT_CLIENT_MAX_RETRIES",
+        "5",
+        "retries of a request answered 429/502/503 or cut on a reused connection",
+    ),
+    (
+        "PREFECT_CLIENT_CUSTOM_HEADERS",
+        "{}",
+        "JSON object of extra headers sent to Prefect",
+    ),
+    (
+        "PREFECT_API_SSL_CERT_FILE",
+        "SSL_CERT_FILE, else built-in roots",
+        "PEM file of CA certificates to trust for https",
+    ),
+    (
+        "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
+        "false",
+        "true to skip certificate checks (logged as a warning)",
+    ),
+    (
+        "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED",
+        "true",
+        "fetch and send CSRF tokens when the server asks for them",
+    ),
+    (
+        "EXPORTER_ADDRESS",
+        "all interfaces",
+        "IP address to listen on",
+    ),
+    (
+        "EXPORTER_PORT",
+        "8080",
+        "TCP port of the /metrics endpoint (0: any free port)",
+    ),
+    ("EXPORTER_INTERVAL", "30", "seconds between two collections"),
+    (
+        "LOG_LEVEL",
+        "INFO",
+        "trace, debug, info, warn(ing), error or off",
+    ),
+    (
+        "EXPORTER_CHECK_DEPLOYMENTS",
+        "empty",
+        "comma-separated flow names that must have a deployment",
+    ),
+];
+
+/// How the exporter proves who it is to Prefect.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    /// `user:pass` of a self-hosted server started with an auth string.
+    Basic(String),
+    /// A Prefect Cloud API key.
+    Bearer(String),
+}
+
+#[derive(Clone)]
+pub struct Config {
+    /// Without a trailing slash, so paths can be appended as `/flow_runs/count`.
+    pub api_url: String,
+    pub auth: Auth,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+    pub custom_headers: Vec<(String, String)>,
+    pub ssl_cert_file: Option<PathBuf>,
+    pub tls_insecure_skip_verify: bool,
+    pub csrf_enabled: bool,
+    pub address: Option<IpAddr>,
+    pub port: u16,
+    pub interval: Duration,
+    pub log_level: LevelFilter,
+    pub check_deployments: Vec<String>,
+    /// Things worth telling the user that are not errors; logged once logging is up.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A variable holds a value the exporter cannot use.
+    Invalid {
+        var: &'static str,
+        /// Already masked when the variable is a secret.
+        value: String,
+        expected: &'static str,
+    },
+    /// A command-line argument the exporter does not know.
+    UnknownArgument(String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Invalid {
+                var,
+                value,
+                expected,
+            } => write!(f, "{var}={value}: {expected}"),
+            ConfigError::UnknownArgument(arg) => {
+                write!(
+                    f,
+                    "unknown argument {arg}: settings come from the environment, see --help"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Headers that the exporter sets itself; a custom header must not replace them,
+/// or a stray setting could silently change who the exporter authenticates as.
+const PROTECTED_HEADERS: &[&str] = &[
+    "authorization",
+    "user-agent",
+    "prefect-csrf-token",
+    "prefect-csrf-client",
+    "content-type",
+    "content-length",
+    "host",
+];
+
+impl Config {
+    /// Reads the settings through `lookup` (the process environment in production,
+    /// a map in tests). Empty values count as unset, as compose files often leave
+    /// `VAR=` lines behind.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let mut warnings = Vec::new();
+
+        let api_url = match get("PREFECT_API_URL") {
+            Some(v) => parse_url(&v)?,
+            None => DEFAULT_API_URL.to_string(),
+        };
+
+        let auth = match (get("PREFECT_API_AUTH_STRING"), get("PREFECT_API_KEY")) {
+            (Some(s), key) => {
+                if !s.contains(':') {
+                    return Err(invalid(
+                        "PREFECT_API_AUTH_STRING",
+                        "***".into(),
+                        "expected user:pass",
+                    ));
+                }
+                if key.is_some() {
+                    warnings.push(
+                        "both PREFECT_API_AUTH_STRING and PREFECT_API_KEY are set: using the auth string"
+                            .to_string(),
+                    );
+                }
+                Auth::Basic(s)
+            }
+            (None, Some(k)) => Auth::Bearer(k.trim().to_string()),
+            (None, None) => Auth::None,
+        };
+
+        let interval = match get("EXPORTER_INTERVAL") {
+            Some(v) => Duration::from_secs(parse_positive_int(
+                "EXPORTER_INTERVAL",
+                &v,
+                "expected a whole number of seconds, at least 1",
+            )?),
+            None => Duration::from_secs(DEFAULT_INTERVAL_SECS),
+        };
+
+        let request_timeout = match get("PREFECT_API_REQUEST_TIMEOUT") {
+            Some(v) => parse_seconds("PREFECT_API_REQUEST_TIMEOUT", &v)?,
+            None => interval.min(Duration::from_secs_f64(DEFAULT_MAX_REQUEST_TIMEOUT_SECS)),
+        };
+
+        let max_retries = match get("PREFECT_CLIENT_MAX_RETRIES") {
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= 100)
+                .ok_or_else(|| {
+                    invalid(
+                        "PREFECT_CLIENT_MAX_RETRIES",
+                        v.clone(),
+                        "expected a whole number from 0 to 100",
+                    )
+                })?,
+            None => DEFAULT_MAX_RETRIES,
+        };
+
+        let custom_headers = match get("PREFECT_CLIENT_CUSTOM_HEADERS") {
+            Some(v) => parse_headers(&v, &mut warnings)?,
+            None => Vec::new(),
+        };
+
+        let ssl_cert_file = get("PREFECT_API_SSL_CERT_FILE")
+            .or_else(|| get("SSL_CERT_FILE"))
+            .map(PathBuf::from);
+        let tls_insecure_skip_verify = match get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY") {
+            Some(v) => parse_bool("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", &v)?,
+            None => false,
+        };
+        if tls_insecure_skip_verify {
+            warnings.push(
+                "PREFECT_API_TLS_INSECURE_SKIP_VERIFY=true: TLS certificates of Prefect are NOT checked"
+                    .to_string(),
+            );
+        }
+        let csrf_enabled = match get("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED") {
+            Some(v) => parse_bool("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", &v)?,
+            None => true,
+        };
+
+        let address = match get("EXPORTER_ADDRESS") {
+            Some(v) => Some(
+                v.trim()
+                    .trim_matches(['[', ']'])
+                    .parse::<IpAddr>()
+                    .map_err(|_| {
+                        invalid(
+                            "EXPORTER_ADDRESS",
+                            v.clone(),
+                            "expected an IP address such as 0.0.0.0, 127.0.0.1 or ::",
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+
+        let port = match get("EXPORTER_PORT") {
+            Some(v) => v.trim().parse::<u16>().map_err(|_| {
+                invalid(
+                    "EXPORTER_PORT",
+                    v.clone(),
+                    "not a port number (expected 0 to 65535)",
+                )
+            })?,
+            None => DEFAULT_PORT,
+        };
+
+        let log_level = match get("LOG_LEVEL") {
+            Some(v) => parse_log_level(&v)?,
+            None => LevelFilter::Info,
+        };
+
+        let check_deployments = get("EXPORTER_CHECK_DEPLOYMENTS")
+            .map(|v| parse_name_list(&v))
+            .unwrap_or_default();
+
+        Ok(Config {
+            api_url,
+            auth,
+            request_timeout,
+            max_retries,
+            custom_headers,
+            ssl_cert_file,
+            tls_insecure_skip_verify,
+            csrf_enabled,
+            address,
+            port,
+            interval,
+            log_level,
+            check_deployments,
+            warnings,
+        })
+    }
+}
+
+/// What start-up logs print: every setting, secrets as `***`.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match self.auth {
+            Auth::None => "none",
+            Auth::Basic(_) => "basic ***",
+            Auth::Bearer(_) => "bearer ***",
+        };
+        let address = self
+            .address
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "all interfaces".into());
+        let headers: Vec<String> = self
+            .custom_headers
+            .iter()
+            .map(|(k, _)| format!("{k}: ***"))
+            .collect();
+        write!(
+            f,
+            "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
+             ca_file={} tls_skip_verify={} csrf={} address={} port={} interval={}s \
+             log_level={} check_deployments=[{}]",
+            self.api_url,
+            auth,
+            self.request_timeout.as_secs_f64(),
+            self.max_retries,
+            headers.join(", "),
+            self.ssl_cert_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "built-in".into()),
+            self.tls_insecure_skip_verify,
+            self.csrf_enabled,
+            address,
+            self.port,
+            self.interval.as_secs(),
+            self.log_level,
+            self.check_deployments.join(","),
+        )
+    }
+}
+
+fn invalid(var: &'static str, value: String, expected: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        value,
+        expected,
+    }
+}
+
+fn parse_url(v: &str) -> Result<String, ConfigError> {
+    let bad = || {
+        invalid(
+            "PREFECT_API_URL",
+            v.to_string(),
+            "expected an http:// or https:// URL such as http://127.0.0.1:4200/api",
+        )
+    };
+    let v = v.trim();
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || host.starts_with(':') || v.chars().any(char::is_whitespace) {
+        return Err(bad());
+    }
+    // Credentials in the URL would end up in logs; they belong in the auth string.
+    if host.contains('@') {
+        return Err(invalid(
+            "PREFECT_API_URL",
+            "***".into(),
+            "credentials in the URL are not supported: use PREFECT_API_AUTH_STRING",
+        ));
+    }
+    Ok(v.trim_end_matches('/').to_string())
+}
+
+fn parse_positive_int(
+    var: &'static str,
+    v: &str,
+    expected: &'static str,
+) -> Result<u64, ConfigError> {
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n >= 1 && *n <= 86_400 * 365)
+        .ok_or_else(|| invalid(var, v.to_string(), expected))
+}
+
+fn parse_seconds(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| invalid(var, v.to_string(), "expected a number of seconds above 0"))
+}
+
+fn parse_bool(var: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(invalid(var, v.to_string(), "expected true or false")),
+    }
+}
+
+fn parse_log_level(v: &str) -> Result<LevelFilter, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "trace" => Ok(LevelFilter::Trace),
+        "debug" => Ok(LevelFilter::Debug),
+        "info" => Ok(LevelFilter::Info),
+        "warn" | "warning" => Ok(LevelFilter::Warn),
+        "error" | "critical" => Ok(LevelFilter::Error),
+        "off" => Ok(LevelFilter::Off),
+        _ => Err(invalid(
+            "LOG_LEVEL",
+            v.to_string(),
+            "expected trace, debug, info, warn, error or off",
+        )),
+    }
+}
+
+/// Blank entries and repeats are dropped: `a,,b,a` watches a and b once each,
+/// so the missing count can never exceed the number of distinct names.
+pub fn parse_name_list(v: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
+fn parse_headers(
+    v: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let expected =
+        "expected a JSON object of header names to string values, e.g. {\"X-Team\": \"data\"}";
+    // The value may hold tokens: never echo it.
+    let bad = || invalid("PREFECT_CLIENT_CUSTOM_HEADERS", "***".into(), expected);
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(v).map_err(|_| bad())?;
+    let mut out = Vec::new();
+    for (name, value) in map {
+        let value = value.as_str().ok_or_else(bad)?.to_string();
+        let valid_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !valid_name || value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            return Err(bad());
+        }
+        if PROTECTED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            warnings.push(format!(
+                "PREFECT_CLIENT_CUSTOM_HEADERS: header {name} is set by the exporter itself and is ignored"
+            ));
+            continue;
+        }
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(&move |k: &str| map.get(k).cloned())
+    }
+
+    fn err_var(pairs: &[(&str, &str)]) -> &'static str {
+        match parse(pairs) {
+            Err(ConfigError::Invalid { var, .. }) => var,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("{pairs:?} should be rejected"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.api_url, DEFAULT_API_URL);
+        assert!(c.auth == Auth::None);
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.interval, Duration::from_secs(30));
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.log_level, LevelFilter::Info);
+        assert!(c.check_deployments.is_empty());
+        assert!(c.address.is_none());
+        assert_eq!(c.max_retries, 5);
+        assert!(c.csrf_enabled);
+    }
+
+    #[test]
+    fn request_timeout_defaults_to_smaller_of_60_and_interval() {
+        let c = parse(&[("EXPORTER_INTERVAL", "300")]).unwrap();
+        assert_eq!(c.request_timeout, Duration::from_secs(60));
+        let c = parse(&[("EXPORTER_INTERVAL", "5")]).unwrap();
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        let c = parse(&[("PREFECT_API_REQUEST_TIMEOUT", "2.5")]).unwrap();
+        assert_eq!(c.request_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn url_trailing_slash_is_tolerated() {
+        let c = parse(&[("PREFECT_API_URL", "https://prefect.example.com/api/")]).unwrap();
+        assert_eq!(c.api_url, "https://prefect.example.com/api");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        assert_eq!(err_var(&[("EXPORTER_PORT", "abc")]), "EXPORTER_PORT");
+        assert_eq!(err_var(&[("EXPORTER_PORT", "70000")]), "EXPORTER_PORT");
+        assert_eq!(err_var(&[("EXPORTER_PORT", "-1")]), "EXPORTER_PORT");
+        for v in ["0", "-3", "x", "1.5"] {
+            assert_eq!(err_var(&[("EXPORTER_INTERVAL", v)]), "EXPORTER_INTERVAL");
+        }
+        assert_eq!(err_var(&[("LOG_LEVEL", "loud")]), "LOG_LEVEL");
+        for v in [
+            "ftp://x/api",
+            "127.0.0.1:4200/api",
+            "http://",
+            "http:///api",
+        ] {
+            assert_eq!(err_var(&[("PREFECT_API_URL", v)]), "PREFECT_API_URL");
+        }
+        assert_eq!(
+            err_var(&[("EXPORTER_ADDRESS", "nowhere")]),
+            "EXPORTER_ADDRESS"
+        );
+        assert_eq!(
+            err_var(&[("PREFECT_API_REQUEST_TIMEOUT", "0")]),
+            "PREFECT_API_REQUEST_TIMEOUT"
+        );
+        assert_eq!(
+            err_var(&[("PREFECT_CLIENT_MAX_RETRIES", "many")]),
+            "PREFECT_CLIENT_MAX_RETRIES"
+        );
+        assert_eq!(
+            err_var(&[("PREFECT_CLIENT_CUSTOM_HEADERS", "{not json")]),
+            "PREFECT_CLIENT_CUSTOM_HEADERS"
+        );
+        assert_eq!(
+            err_var(&[("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "maybe")]),
+            "PREFECT_API_TLS_INSECURE_SKIP_VERIFY"
+        );
+    }
+
+    #[test]
+    fn error_line_names_variable_value_and_expectation() {
+        let e = parse(&[("EXPORTER_PORT", "abc")]).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "EXPORTER_PORT=abc: not a port number (expected 0 to 65535)"
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors_or_display() {
+        let e = parse(&[("PREFECT_API_AUTH_STRING", "nocolonsecret")])
+            .err()
+            .unwrap();
+        assert!(!e.to_string().contains("nocolonsecret"));
+        let e = parse(&[(
+            "PREFECT_CLIENT_CUSTOM_HEADERS",
+            "{\"X\": 1, \"t\":\"tok3n\"",
+        )])
+        .err()
+        .unwrap();
+        assert!(!e.to_string().contains("tok3n"));
+        let c = parse(&[
+            ("PREFECT_API_AUTH_STRING", "admin:hunter2"),
+            (
+                "PREFECT_CLIENT_CUSTOM_HEADERS",
+                "{\"X-Token\": \"abcsecret\"}",
+            ),
+        ])
+        .unwrap();
+        let shown = c.to_string();
+        assert!(!shown.contains("hunter2") && !shown.contains("abcsecret"));
+        assert!(shown.contains("X-Token: ***"));
+        let c = parse(&[("PREFECT_API_KEY", "pnu_key123")]).unwrap();
+        assert!(!c.to_string().contains("pnu_key123"));
+        let e = parse(&[("PREFECT_API_URL", "http://u:pw1@host/api")])
+            .err()
+            .unwrap();
+        assert!(!e.to_string().contains("pw1"));
+    }
+
+    #[test]
+    fn auth_string_wins_over_key() {
+        let c = parse(&[("PREFECT_API_AUTH_STRING", "a:b"), ("PREFECT_API_KEY", "k")]).unwrap();
+        assert!(c.auth == Auth::Basic("a:b".into()));
+        assert_eq!(c.warnings.len(), 1);
+        let c = parse(&[("PREFECT_API_KEY", "k")]).unwrap();
+        assert!(c.auth == Auth::Bearer("k".into()));
+    }
+
+    #[test]
+    fn log_levels_any_case() {
+        for (v, l) in [
+            ("TRACE", LevelFilter::Trace),
+            ("debug", LevelFilter::Debug),
+            ("Info", LevelFilter::Info),
+            ("WARNING", LevelFilter::Warn),
+            ("warn", LevelFilter::Warn),
+            ("error", LevelFilter::Error),
+            ("OFF", LevelFilter::Off),
+        ] {
+            assert_eq!(parse(&[("LOG_LEVEL", v)]).unwrap().log_level, l, "{v}");
+        }
+    }
+
+    #[test]
+    fn deployment_list_drops_blanks_and_duplicates() {
+        let c = parse(&[("EXPORTER_CHECK_DEPLOYMENTS", " flow-a, ,flow-b,flow-a,,")]).unwrap();
+        assert_eq!(c.check_deployments, vec!["flow-a", "flow-b"]);
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let c = parse(&[("EXPORTER_PORT", ""), ("PREFECT_API_KEY", " ")]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert!(c.auth == Auth::None);
+    }
+
+    #[test]
+    fn custom_headers_cannot_replace_auth_or_user_agent() {
+        let c = parse(&[(
+            "PREFECT_CLIENT_CUSTOM_HEADERS",
+            "{\"Authorization\": \"x\", \"user-agent\": \"y\", \"X-Team\": \"data\"}",
+        )])
+        .unwrap();
+        assert_eq!(
+            c.custom_headers,
+            vec![("X-Team".to_string(), "data".to_string())]
+        );
+        assert_eq!(c.warnings.len(), 2);
+    }
+
+    #[test]
+    fn port_zero_and_ipv6_address() {
+        let c = parse(&[("EXPORTER_PORT", "0"), ("EXPORTER_ADDRESS", "[::1]")]).unwrap();
+        assert_eq!(c.port, 0);
+        assert_eq!(c.address, Some("::1".parse().unwrap()));
+    }
+}
