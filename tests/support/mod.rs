@@ -578,9 +578,15 @@ impl PrefectServer {
         self.opts.auth_string.as_deref()
     }
 
-    /// A REST client with this server's credentials.
+    /// A REST client with this server's credentials (and CSRF tokens when the
+    /// server has CSRF protection on).
     pub fn api(&self) -> Api {
-        Api::new(&self.api_url(), self.auth_string())
+        let api = Api::new(&self.api_url(), self.auth_string());
+        if self.opts.csrf {
+            api.with_csrf()
+        } else {
+            api
+        }
     }
 
     /// The server's combined stdout/stderr so far.
@@ -765,6 +771,8 @@ pub struct Api {
     base: String,
     auth: Option<String>,
     agent: ureq::Agent,
+    /// (client id, token) when the server has CSRF protection on (see `with_csrf`).
+    csrf: Option<Mutex<(String, String)>>,
 }
 
 impl Api {
@@ -780,7 +788,31 @@ impl Api {
             base: api_url.trim_end_matches('/').to_string(),
             auth: auth_string.map(|a| format!("Basic {}", base64(a.as_bytes()))),
             agent,
+            csrf: None,
         }
+    }
+
+    /// For a server with CSRF protection on: fetches a token now, sends it with
+    /// every write, and fetches a new one when the server refuses it (expired).
+    pub fn with_csrf(mut self) -> Api {
+        let client = format!("{:08x}-0000-4000-8000-000000000001", std::process::id());
+        let token = self.fetch_csrf_token(&client);
+        self.csrf = Some(Mutex::new((client, token)));
+        self
+    }
+
+    fn fetch_csrf_token(&self, client: &str) -> String {
+        let url = format!("{}/csrf-token?client={client}", self.base);
+        let mut resp = self
+            .with_auth_get(self.agent.get(&url))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        v["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("GET {url}: no token in {text}"))
+            .to_string()
     }
 
     pub fn base(&self) -> &str {
@@ -811,6 +843,15 @@ impl Api {
                         Some(a) => builder.header("Authorization", a),
                         None => builder,
                     };
+                    let builder = match &self.csrf {
+                        Some(c) => {
+                            let c = c.lock().unwrap_or_else(|e| e.into_inner());
+                            builder
+                                .header("Prefect-Csrf-Client", &c.0)
+                                .header("Prefect-Csrf-Token", &c.1)
+                        }
+                        None => builder,
+                    };
                     let text = b.map(|v| v.to_string()).unwrap_or_else(|| "{}".into());
                     builder
                         .header("Content-Type", "application/json")
@@ -824,6 +865,14 @@ impl Api {
                     if status == 503 && attempt < 5 {
                         last_err = format!("503 {text}");
                         continue;
+                    }
+                    if let (403, Some(c)) = (status, &self.csrf) {
+                        if text.contains("CSRF") && attempt < 5 {
+                            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+                            c.1 = self.fetch_csrf_token(&c.0);
+                            last_err = format!("403 {text}");
+                            continue;
+                        }
                     }
                     let value = if text.trim().is_empty() {
                         Value::Null
