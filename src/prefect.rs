@@ -458,12 +458,15 @@ fn is_csrf_refusal(body: &str) -> bool {
 }
 
 /// How long a token lives, measured on the server's clock when its `Date` is
-/// known (so a skewed local clock does not matter), else on ours.
+/// known (so a skewed local clock does not matter), else on ours. `Date` has a
+/// resolution of one second and is rounded down: the server's clock may be up
+/// to a second later than it says, so that second is not counted.
 fn token_lifetime(expiration: SystemTime, server_now: Option<SystemTime>) -> Option<Duration> {
-    expiration
-        .duration_since(server_now.unwrap_or_else(SystemTime::now))
-        .ok()
-        .filter(|d| !d.is_zero())
+    let now = match server_now {
+        Some(date) => date + Duration::from_secs(1),
+        None => SystemTime::now(),
+    };
+    expiration.duration_since(now).ok().filter(|d| !d.is_zero())
 }
 
 /// `Retry-After` as RFC 9110 allows it: delay-seconds (fractions accepted, as
@@ -770,7 +773,7 @@ mod tests {
         // Whatever our own clock says, the server's Date decides.
         assert_eq!(
             token_lifetime(exp, Some(server_now)),
-            Some(Duration::from_secs(3600))
+            Some(Duration::from_secs(3599))
         );
         assert_eq!(token_lifetime(server_now, Some(exp)), None);
         assert_eq!(token_lifetime(server_now, Some(server_now)), None);
