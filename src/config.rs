@@ -243,6 +243,11 @@ impl Config {
             None => DEFAULT_API_URL.to_string(),
         };
 
+        warnings.extend(cloud_url_warning(
+            &api_url,
+            get("PREFECT_API_KEY").is_some(),
+        ));
+
         let auth = match (get("PREFECT_API_AUTH_STRING"), get("PREFECT_API_KEY")) {
             (Some(s), key) => {
                 if !s.contains(':') {
@@ -479,6 +484,32 @@ fn parse_url(v: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(v.trim_end_matches('/').to_string())
+}
+
+/// Prefect Cloud mistakes that otherwise show up only as 404s or 401s: the UI's
+/// address instead of the API's, a URL without the workspace, no API key.
+fn cloud_url_warning(url: &str, has_key: bool) -> Option<String> {
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("https://app.prefect.cloud") {
+        return Some(format!(
+            "PREFECT_API_URL={url} is the Prefect Cloud UI; the API is \
+             https://api.prefect.cloud/api/accounts/<account id>/workspaces/<workspace id>"
+        ));
+    }
+    if !lower.starts_with(PREFECT_CLOUD_API_URL) {
+        return None;
+    }
+    let path = &lower[PREFECT_CLOUD_API_URL.len()..];
+    let parts: Vec<&str> = path.split('/').collect();
+    if !matches!(parts.as_slice(), ["api", "accounts", a, "workspaces", w] if !a.is_empty() && !w.is_empty())
+    {
+        return Some(format!(
+            "PREFECT_API_URL={url} is not a Prefect Cloud workspace URL \
+             (https://api.prefect.cloud/api/accounts/<account id>/workspaces/<workspace id>)"
+        ));
+    }
+    (!has_key)
+        .then(|| "PREFECT_API_URL is Prefect Cloud but PREFECT_API_KEY is not set".to_string())
 }
 
 fn parse_positive_int(
@@ -902,6 +933,33 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
                 .unwrap()
                 .csrf_enabled
         );
+    }
+
+    #[test]
+    fn prefect_cloud_url_mistakes_are_warned_about() {
+        let ws = "https://api.prefect.cloud/api/accounts/0a1b/workspaces/2c3d";
+        let c = parse(&[("PREFECT_API_URL", ws), ("PREFECT_API_KEY", "pnu_x")]).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(&[("PREFECT_API_URL", ws)]).unwrap();
+        assert!(
+            c.warnings[0].contains("PREFECT_API_KEY"),
+            "{:?}",
+            c.warnings
+        );
+        for url in [
+            "https://api.prefect.cloud/api",
+            "https://api.prefect.cloud/api/accounts/0a1b",
+            "https://app.prefect.cloud/account/0a1b/workspace/2c3d/dashboard",
+        ] {
+            let c = parse(&[("PREFECT_API_URL", url), ("PREFECT_API_KEY", "k")]).unwrap();
+            assert!(
+                c.warnings.len() == 1 && c.warnings[0].contains("workspaces/<workspace id>"),
+                "{url}: {:?}",
+                c.warnings
+            );
+        }
+        let c = parse(&[("PREFECT_API_URL", "https://prefect.example.com/api")]).unwrap();
+        assert!(c.warnings.is_empty());
     }
 
     #[test]

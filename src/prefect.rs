@@ -67,6 +67,10 @@ impl fmt::Display for ApiError {
                 detail,
             } => {
                 let hint = match status {
+                    403 if is_csrf_refusal(detail) => {
+                        " (the server wants CSRF tokens: PREFECT_CLIENT_CSRF_SUPPORT_ENABLED must not be false)"
+                    }
+                    429 => " (rate limited: a longer EXPORTER_INTERVAL asks less often)",
                     401 | 403 => " (check PREFECT_API_AUTH_STRING or PREFECT_API_KEY)",
                     404 | 405 => {
                         " (check PREFECT_API_URL: it should end in /api or a workspace path)"
@@ -805,6 +809,14 @@ mod tests {
             detail: "Not Found".into(),
         };
         assert!(e.to_string().contains("PREFECT_API_URL"));
+        let e = ApiError::Status {
+            path: "POST /flow_runs/count".into(),
+            status: 403,
+            detail: r#"{"detail":"Missing CSRF token."}"#.into(),
+        };
+        assert!(e
+            .to_string()
+            .contains("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"));
         let e = ApiError::Tls {
             path: "POST /flow_runs/count".into(),
             detail: "invalid peer certificate: UnknownIssuer".into(),

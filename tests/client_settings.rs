@@ -119,6 +119,50 @@ fn api_key_arrives_as_bearer_with_user_agent_and_json_posts() {
 }
 
 #[test]
+fn a_cloud_style_workspace_url_with_an_api_key_works() {
+    // Prefect Cloud's shape: the API below /api/accounts/<id>/workspaces/<id>,
+    // Bearer keys only, no admin API, no CSRF endpoint, a rate limit now and then.
+    const WS: &str = "/api/accounts/6f1c0a4e-0000-4000-8000-000000000001/workspaces/9b2d7e3f-0000-4000-8000-000000000002";
+    let data = StubData::standard();
+    let good = data.clone();
+    let limited = AtomicBool::new(false);
+    let stub = Stub::start(handler(move |r| {
+        if r.header("authorization") != Some("Bearer pnu_cloudkey") {
+            return Response::json(
+                401,
+                &json!({"detail": "Invalid authentication credentials"}),
+            );
+        }
+        let Some(rest) = r.path.strip_prefix(WS) else {
+            return Response::json(404, &json!({"detail": "Not Found"}));
+        };
+        if rest.starts_with("/admin") || rest.starts_with("/csrf-token") {
+            return Response::json(404, &json!({"detail": "Not Found"}));
+        }
+        if r.method == "POST" && !limited.swap(true, Ordering::SeqCst) {
+            return Response::json(429, &json!({"detail": "Rate limit exceeded"}))
+                .with_header("Retry-After", "1");
+        }
+        let mut inner = r.clone();
+        inner.path = format!("/api{rest}");
+        good.answer(&inner)
+    }));
+    let url = format!("http://{}{WS}", stub.addr());
+    let exp = Exporter::spawn(&[
+        ("PREFECT_API_URL", &url),
+        ("PREFECT_API_KEY", "pnu_cloudkey"),
+        ("EXPORTER_INTERVAL", "5"),
+    ]);
+    let m = first_collection(&exp);
+    assert_stub_values(&m, &data, &exp);
+    assert!(
+        !m.keys().any(|k| k.starts_with("prefect_server_info")),
+        "no version without an admin API"
+    );
+    assert!(stub.requests().iter().all(|r| r.path.starts_with(WS)));
+}
+
+#[test]
 fn auth_string_arrives_as_basic_and_wins_over_the_key() {
     let data = StubData::standard();
     let stub = Stub::start(Mode::Good(data.clone()));
