@@ -47,7 +47,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "PREFECT_CLIENT_MAX_RETRIES",
         "5",
-        "retries of a request answered 429/502/503 or cut on a reused connection",
+        "retries of a request answered 408/429/502/503 (honouring Retry-After) or cut on a reused connection, always within the collection",
     ),
     (
         "PREFECT_CLIENT_CUSTOM_HEADERS",
