@@ -272,7 +272,16 @@ impl Client {
                 Err(SendError::Other(detail)) => {
                     return Err(ApiError::Transport { path: what, detail })
                 }
-                Ok(answer) if (200..300).contains(&answer.status) => return Ok(answer),
+                Ok(answer) if (200..300).contains(&answer.status) => {
+                    if call.method == "POST" && matches!(self.csrf, Csrf::Unknown) {
+                        // The token fetch failed, yet a POST without a token was
+                        // accepted: the server does not enforce CSRF. Stop asking
+                        // (a later CSRF 403 turns asking back on).
+                        log::debug!("{what} accepted without a CSRF token; not asking for one");
+                        self.csrf = Csrf::Disabled;
+                    }
+                    return Ok(answer);
+                }
                 Ok(answer) => {
                     if answer.status == 403
                         && call.method == "POST"

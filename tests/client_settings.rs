@@ -620,6 +620,28 @@ fn a_refused_csrf_token_is_fetched_again_within_the_collection() {
 }
 
 #[test]
+fn a_broken_token_endpoint_is_asked_once_when_posts_work_without_a_token() {
+    let data = StubData::standard();
+    let good = data.clone();
+    let stub = Stub::start(handler(move |r| {
+        if r.api_path() == "/csrf-token" {
+            return Response::json(500, &json!({"detail": "Internal Server Error"}));
+        }
+        good.answer(r)
+    }));
+    let url = stub.api_url();
+    let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
+    let m = exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 3.0), WAIT);
+    assert_stub_values(&m, &data, &exp);
+    let asked = stub
+        .requests()
+        .iter()
+        .filter(|r| r.api_path() == "/csrf-token")
+        .count();
+    assert_eq!(asked, 1, "token endpoint asked {asked} times");
+}
+
+#[test]
 fn csrf_support_can_be_turned_off() {
     let data = StubData::standard();
     let stub = Stub::start(Mode::Good(data.clone()));
