@@ -578,15 +578,9 @@ impl PrefectServer {
         self.opts.auth_string.as_deref()
     }
 
-    /// A REST client with this server's credentials (and CSRF tokens when the
-    /// server has CSRF protection on).
+    /// A REST client with this server's credentials.
     pub fn api(&self) -> Api {
-        let api = Api::new(&self.api_url(), self.auth_string());
-        if self.opts.csrf {
-            api.with_csrf()
-        } else {
-            api
-        }
+        Api::new(&self.api_url(), self.auth_string())
     }
 
     /// The server's combined stdout/stderr so far.
@@ -771,8 +765,8 @@ pub struct Api {
     base: String,
     auth: Option<String>,
     agent: ureq::Agent,
-    /// (client id, token) when the server has CSRF protection on (see `with_csrf`).
-    csrf: Option<Mutex<(String, String)>>,
+    /// (client id, token) once a CSRF-protected server asked for one.
+    csrf: Mutex<Option<(String, String)>>,
 }
 
 impl Api {
@@ -788,31 +782,8 @@ impl Api {
             base: api_url.trim_end_matches('/').to_string(),
             auth: auth_string.map(|a| format!("Basic {}", base64(a.as_bytes()))),
             agent,
-            csrf: None,
+            csrf: Mutex::new(None),
         }
-    }
-
-    /// For a server with CSRF protection on: fetches a token now, sends it with
-    /// every write, and fetches a new one when the server refuses it (expired).
-    pub fn with_csrf(mut self) -> Api {
-        let client = format!("{:08x}-0000-4000-8000-000000000001", std::process::id());
-        let token = self.fetch_csrf_token(&client);
-        self.csrf = Some(Mutex::new((client, token)));
-        self
-    }
-
-    fn fetch_csrf_token(&self, client: &str) -> String {
-        let url = format!("{}/csrf-token?client={client}", self.base);
-        let mut resp = self
-            .with_auth_get(self.agent.get(&url))
-            .call()
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        v["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("GET {url}: no token in {text}"))
-            .to_string()
     }
 
     pub fn base(&self) -> &str {
@@ -821,9 +792,31 @@ impl Api {
 
     /// One request; `path` is relative to the API base (`/flows/`). Returns the
     /// status and the JSON body (`Value::Null` when empty, a string when not JSON).
-    /// Retries transport errors and 503 ("database is locked") a few times.
+    /// Retries transport errors and 503 ("database is locked") a few times; on a
+    /// CSRF-protected server it fetches a token (on the first 403) and resends.
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let (status, value) = self.request_once(method, path, body);
+        let csrf_refused = status == 403 && value.to_string().to_lowercase().contains("csrf");
+        if csrf_refused && method != "GET" {
+            self.fetch_csrf_token();
+            return self.request_once(method, path, body);
+        }
+        (status, value)
+    }
+
+    fn fetch_csrf_token(&self) {
+        let client = fake_uuid(&format!("{}-{:?}", std::process::id(), Instant::now()));
+        let (status, v) = self.request_once("GET", &format!("/csrf-token?client={client}"), None);
+        assert_eq!(status, 200, "GET /csrf-token: {v}");
+        let token = v["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("csrf token: {v}"));
+        *self.csrf.lock().unwrap_or_else(|e| e.into_inner()) = Some((client, token.into()));
+    }
+
+    fn request_once(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         let url = format!("{}{}", self.base, path);
+        let csrf = self.csrf.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut last_err = String::new();
         for attempt in 0..6 {
             if attempt > 0 {
@@ -831,27 +824,30 @@ impl Api {
             }
             let result = match (method, body) {
                 ("GET", _) => self.with_auth_get(self.agent.get(&url)).call(),
-                ("DELETE", _) => self.with_auth_get(self.agent.delete(&url)).call(),
+                ("DELETE", _) => {
+                    let mut b = self.with_auth_get(self.agent.delete(&url));
+                    if let Some((client, token)) = &csrf {
+                        b = b
+                            .header("Prefect-Csrf-Token", token)
+                            .header("Prefect-Csrf-Client", client);
+                    }
+                    b.call()
+                }
                 (m, b) => {
-                    let builder = match m {
+                    let mut builder = match m {
                         "POST" => self.agent.post(&url),
                         "PATCH" => self.agent.patch(&url),
                         "PUT" => self.agent.put(&url),
                         other => panic!("Api::request: unsupported method {other}"),
                     };
-                    let builder = match &self.auth {
-                        Some(a) => builder.header("Authorization", a),
-                        None => builder,
-                    };
-                    let builder = match &self.csrf {
-                        Some(c) => {
-                            let c = c.lock().unwrap_or_else(|e| e.into_inner());
-                            builder
-                                .header("Prefect-Csrf-Client", &c.0)
-                                .header("Prefect-Csrf-Token", &c.1)
-                        }
-                        None => builder,
-                    };
+                    if let Some(a) = &self.auth {
+                        builder = builder.header("Authorization", a);
+                    }
+                    if let Some((client, token)) = &csrf {
+                        builder = builder
+                            .header("Prefect-Csrf-Token", token)
+                            .header("Prefect-Csrf-Client", client);
+                    }
                     let text = b.map(|v| v.to_string()).unwrap_or_else(|| "{}".into());
                     builder
                         .header("Content-Type", "application/json")
@@ -865,14 +861,6 @@ impl Api {
                     if status == 503 && attempt < 5 {
                         last_err = format!("503 {text}");
                         continue;
-                    }
-                    if let (403, Some(c)) = (status, &self.csrf) {
-                        if text.contains("CSRF") && attempt < 5 {
-                            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-                            c.1 = self.fetch_csrf_token(&c.0);
-                            last_err = format!("403 {text}");
-                            continue;
-                        }
                     }
                     let value = if text.trim().is_empty() {
                         Value::Null
