@@ -4,6 +4,10 @@
 //! history must equal those with 2,000.
 mod support;
 
+#[allow(dead_code)]
+#[path = "../src/collect/rfc3339.rs"]
+mod rfc3339;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -12,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use support::{Api, Exporter, PrefectServer, ServerOptions};
+use serde_json::{json, Value};
+use support::{Api, Exporter, Mode, PrefectServer, Response, ServerOptions, Stub, StubData};
 
 type Counts = BTreeMap<String, u64>;
 
@@ -388,4 +393,140 @@ fn steady_state_requests_do_not_grow_with_history() {
     let m = exp_big.metrics();
     assert_eq!(m["prefect_flow_runs_total"], 2000.0);
     assert_eq!(m["prefect_up"], 1.0, "{}", exp_big.stderr());
+}
+
+/// The passes over ended runs, seen from a stub: a pass cut by a failed page
+/// goes on from that page at the next collection (it never starts over), and
+/// once it is read to its end the next pass asks only for runs that ended at or
+/// after the newest end time seen.
+#[test]
+fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
+    // 450 runs, newest first: runs 449..50 belong to "daily", 49..0 (the last
+    // page) to "weekly"; run i ended i seconds after BASE, in COMPLETED, FAILED
+    // or CRASHED by i % 3.
+    const BASE: &str = "2026-01-01T00:00:00Z";
+    let base = rfc3339::parse(BASE).unwrap();
+    let kind = |i: usize| ["COMPLETED", "FAILED", "CRASHED"][i % 3];
+    let runs: Vec<Value> = (0..450)
+        .rev()
+        .map(|i| {
+            json!({
+                "id": format!("run-{i}"),
+                "deployment_id": if i >= 50 { "d-daily" } else { "d-weekly" },
+                "state_type": kind(i),
+                "state_name": "whatever",
+                "end_time": rfc3339::format(base + i as f64),
+            })
+        })
+        .collect();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let passes: Arc<Mutex<Vec<(String, u64, u16)>>> = Arc::default();
+    let (f, p) = (Arc::clone(&failed_once), Arc::clone(&passes));
+    let data = StubData::standard();
+    let handler = move |req: &support::Request| -> Response {
+        let body = req.json();
+        let answer = match req.api_path() {
+            "/deployments/count" => Response::json(200, &json!(2)),
+            "/flows/count" => Response::json(200, &json!(1)),
+            "/deployments/filter" => Response::json(
+                200,
+                &json!([
+                    {"id": "d-daily", "name": "daily", "flow_id": "f-etl", "paused": false,
+                     "status": "READY", "work_pool_name": null},
+                    {"id": "d-weekly", "name": "weekly", "flow_id": "f-etl", "paused": true,
+                     "status": "NOT_READY", "work_pool_name": "pool"},
+                ]),
+            ),
+            "/flows/filter" if body["flows"]["id"]["any_"].is_array() => {
+                Response::json(200, &json!([{"id": "f-etl", "name": "etl"}]))
+            }
+            "/flow_runs/filter" if body["flow_runs"]["end_time"].is_object() => {
+                let offset = body["offset"].as_u64().unwrap_or(0);
+                let after = body["flow_runs"]["end_time"]["after_"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if offset == 200 && !f.swap(true, Ordering::SeqCst) {
+                    p.lock().unwrap().push((after, offset, 500));
+                    return Response::json(500, &json!({"detail": "stub error"}));
+                }
+                p.lock().unwrap().push((after.clone(), offset, 200));
+                let after = rfc3339::parse(&after).expect("an RFC 3339 after_");
+                let page: Vec<Value> = runs
+                    .iter()
+                    .filter(|r| rfc3339::parse(r["end_time"].as_str().unwrap()).unwrap() >= after)
+                    .skip(offset as usize)
+                    .take(body["limit"].as_u64().unwrap_or(200) as usize)
+                    .cloned()
+                    .collect();
+                Response::json(200, &Value::Array(page))
+            }
+            _ => data.answer(req),
+        };
+        answer
+    };
+    let stub = Stub::start(Mode::Handler(Arc::new(handler)));
+    let exp = Exporter::spawn(&[
+        ("PREFECT_API_URL", &stub.api_url()),
+        ("EXPORTER_INTERVAL", "1"),
+        // The stub's runs are older than the default week.
+        ("EXPORTER_LOOKBACK", "3650d"),
+    ]);
+    let ts = |dep: &str, t: &str| {
+        format!(
+            "prefect_deployment_last_run_timestamp_seconds{{deployment=\"{dep}\",flow=\"etl\",state_type=\"{t}\"}}"
+        )
+    };
+    let m = exp.wait_for(
+        |m| m.contains_key(&ts("weekly", "COMPLETED")),
+        Duration::from_secs(30),
+    );
+    for (dep, t, i) in [
+        ("daily", "COMPLETED", 447),
+        ("daily", "FAILED", 448),
+        ("daily", "CRASHED", 449),
+        ("weekly", "COMPLETED", 48),
+        ("weekly", "FAILED", 49),
+        ("weekly", "CRASHED", 47),
+    ] {
+        assert_eq!(m.get(&ts(dep, t)), Some(&(base + i as f64)), "{dep} {t}");
+    }
+    // Wait for a pass after the first one.
+    poll(|| passes.lock().unwrap().len() >= 5);
+    let seen = passes.lock().unwrap().clone();
+    let first_after = seen[0].0.clone();
+    assert_eq!(
+        &seen[..4],
+        &[
+            (first_after.clone(), 0, 200),
+            (first_after.clone(), 200, 500),
+            (first_after.clone(), 200, 200),
+            (first_after, 400, 200),
+        ],
+        "the cut pass resumes at its page"
+    );
+    // The newest end time seen is long before the exporter's clock: the next
+    // pass starts there and is one page with the newest run alone.
+    let newest = rfc3339::format(base + 449.0);
+    assert_eq!(seen[4], (newest.clone(), 0, 200));
+    assert!(seen[4..]
+        .iter()
+        .all(|(a, o, s)| *a == newest && *o == 0 && *s == 200));
+    let m = exp.metrics();
+    assert_eq!(
+        m["prefect_exporter_collect_errors_total"], 1.0,
+        "only the cut collection failed"
+    );
+    assert_eq!(m["prefect_deployments"], 2.0);
+    assert_eq!(
+        m.get("prefect_deployment_info{deployment=\"weekly\",flow=\"etl\",paused=\"true\",status=\"NOT_READY\",work_pool=\"pool\"}"),
+        Some(&1.0)
+    );
+}
+
+fn poll(cond: impl Fn() -> bool) {
+    let ok = support::poll(Duration::from_secs(30), Duration::from_millis(50), || {
+        cond().then_some(())
+    });
+    assert!(ok.is_some(), "condition not met within 30 s");
 }
