@@ -49,7 +49,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "PREFECT_CLIENT_MAX_RETRIES",
         "5",
-        "retries of a request answered 408/429/502/503 (honouring Retry-After) or cut on a reused connection, always within the collection",
+        "retries on 408/429/502/503 (honouring Retry-After) and on a reset reused connection, within the collection",
     ),
     (
         "PREFECT_CLIENT_CUSTOM_HEADERS",
@@ -74,7 +74,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "PREFECT_PROFILES_PATH",
         "$PREFECT_HOME/profiles.toml",
-        "Prefect profiles file: PREFECT_* client settings missing from the environment are read from its active profile",
+        "Prefect profiles file; its active profile fills the PREFECT_* client settings the environment lacks",
     ),
     ("PREFECT_HOME", "~/.prefect", "Prefect home directory (holds profiles.toml)"),
     (
