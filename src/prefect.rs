@@ -470,16 +470,25 @@ fn is_csrf_refusal(body: &str) -> bool {
     body.contains("CSRF token") || body.contains("client identifier")
 }
 
-/// How long a token lives, measured on the server's clock when its `Date` is
-/// known (so a skewed local clock does not matter), else on ours. `Date` has a
-/// resolution of one second and is rounded down: the server's clock may be up
-/// to a second later than it says, so that second is not counted.
-fn token_lifetime(expiration: SystemTime, server_now: Option<SystemTime>) -> Option<Duration> {
-    let now = match server_now {
-        Some(date) => date + Duration::from_secs(1),
-        None => SystemTime::now(),
-    };
-    expiration.duration_since(now).ok().filter(|d| !d.is_zero())
+/// How long a token lives, as the shorter of two estimates, so that neither a
+/// skewed clock nor a stale `Date` makes the exporter send an expired token:
+/// - on the server's clock: expiration minus the answer's `Date`, less the
+///   second `Date` rounds away (uvicorn also refreshes its `Date` only once a
+///   second, later under load: it was seen 2 s old on a busy test machine);
+/// - on ours: expiration minus now (meaningless when the clocks differ by more
+///   than the token's life, so then only the first counts).
+fn token_lifetime(expiration: SystemTime, server_date: Option<SystemTime>) -> Option<Duration> {
+    let positive = |d: Option<Duration>| d.filter(|d| !d.is_zero());
+    let by_server = positive(server_date.and_then(|date| {
+        expiration
+            .duration_since(date + Duration::from_secs(1))
+            .ok()
+    }));
+    let by_ours = positive(expiration.duration_since(SystemTime::now()).ok());
+    match (by_server, by_ours) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// `Retry-After` as RFC 9110 allows it: delay-seconds (fractions accepted, as
@@ -720,16 +729,39 @@ mod tests {
     }
 
     #[test]
-    fn token_lifetime_uses_the_server_clock() {
-        let server_now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let exp = server_now + Duration::from_secs(3600);
-        // Whatever our own clock says, the server's Date decides.
-        assert_eq!(
-            token_lifetime(exp, Some(server_now)),
-            Some(Duration::from_secs(3599))
+    fn token_lifetime_takes_the_safer_of_both_clocks() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let close = |got: Option<Duration>, want: u64| {
+            let got = got.expect("a lifetime").as_secs_f64();
+            assert!((got - want as f64).abs() < 2.0, "{got} vs {want}");
+        };
+        // Clocks agree, Date fresh: an hour less the rounding second.
+        close(token_lifetime(now + hour, Some(now)), 3599);
+        // Clocks agree, Date 2 s stale (a busy server): ours is shorter, and used.
+        close(
+            token_lifetime(
+                now + Duration::from_secs(4),
+                Some(now - Duration::from_secs(2)),
+            ),
+            4,
         );
-        assert_eq!(token_lifetime(server_now, Some(exp)), None);
-        assert_eq!(token_lifetime(server_now, Some(server_now)), None);
+        // The server's clock an hour behind ours: its own Date decides.
+        let server_now = now - hour;
+        close(
+            token_lifetime(server_now + Duration::from_secs(60), Some(server_now)),
+            59,
+        );
+        // The server's clock an hour ahead: ours would say 61 min; Date says 1 min.
+        let server_now = now + hour;
+        close(
+            token_lifetime(server_now + Duration::from_secs(60), Some(server_now)),
+            59,
+        );
+        // No Date: our clock only.
+        close(token_lifetime(now + hour, None), 3600);
+        // Already expired by both.
+        assert_eq!(token_lifetime(now - hour, Some(now)), None);
     }
 
     #[test]
