@@ -611,6 +611,9 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_query_has_data() {
         started.elapsed()
     );
 
+    // Spot checks: a few panels show the seeded values, not just some data.
+    assert_panel_values(&prom, &substituted, expected);
+
     // The dashboard's variables: label_values(selector, label) has values.
     for (name, selector, label) in label_values_queries(&dashboard) {
         let selector = substitute(&selector).unwrap_or_else(|e| panic!("variable {name}: {e}"));
@@ -649,6 +652,84 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_query_has_data() {
         .map(sample_labels)
         .collect();
     eprintln!("{test}: active alerts on the seeded server: {active:#?}");
+}
+
+/// The substituted expression of a dashboard query by its place (`title [refId]`).
+fn dashboard_expr<'a>(queries: &'a [(DashQuery, String)], place: &str) -> &'a str {
+    queries
+        .iter()
+        .find(|(q, _)| q.place == place || q.place.ends_with(&format!(" / {place}")))
+        .map(|(_, s)| s.as_str())
+        .unwrap_or_else(|| panic!("no dashboard query {place:?} (renamed? update this test)"))
+}
+
+/// `{label values...} -> value` of a query's samples, keyed by `labels`.
+fn samples_by(prom: &Prometheus, expr: &str, labels: &[&str]) -> BTreeMap<Vec<String>, f64> {
+    prom.query(expr)
+        .unwrap_or_else(|e| panic!("{expr}: {e}"))
+        .iter()
+        .map(|s| {
+            let key = labels
+                .iter()
+                .map(|l| s["metric"][*l].as_str().unwrap_or_default().to_string())
+                .collect();
+            let v = s["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
+            (key, v)
+        })
+        .collect()
+}
+
+/// Panels whose numbers follow directly from the seed: runs per state (custom state
+/// included), late runs, and online workers per pool (the empty pool-idle shown as 0).
+fn assert_panel_values(
+    prom: &Prometheus,
+    queries: &[(DashQuery, String)],
+    expected: &support::Expected,
+) {
+    let per_state = samples_by(
+        prom,
+        dashboard_expr(queries, "Flow runs per state [A]"),
+        &["state_type", "state_name"],
+    );
+    let want: BTreeMap<Vec<String>, f64> = expected
+        .by_state
+        .iter()
+        .map(|((t, n), c)| (vec![t.clone(), n.clone()], *c as f64))
+        .collect();
+    assert_eq!(
+        per_state, want,
+        "panel \"Flow runs per state\" vs. the seed"
+    );
+
+    let late = expected
+        .by_state
+        .iter()
+        .filter(|((_, n), _)| n == "Late")
+        .map(|(_, c)| *c as f64)
+        .sum::<f64>();
+    assert_eq!(
+        prom.value(dashboard_expr(queries, "Late runs [A]")),
+        Some(late),
+        "panel \"Late runs\""
+    );
+
+    let online = samples_by(
+        prom,
+        dashboard_expr(queries, "Online workers [A]"),
+        &["work_pool"],
+    );
+    let want: BTreeMap<Vec<String>, f64> = expected
+        .work_pools
+        .iter()
+        .map(|p| (vec![p.name.clone()], p.workers.len() as f64))
+        .collect();
+    assert_eq!(
+        online, want,
+        "panel \"Online workers\" (pool-idle must show 0)"
+    );
 }
 
 /// Every group of alerts.yaml is loaded from that file, and every rule has been
