@@ -89,12 +89,12 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "EXPORTER_COLLECTORS",
         "flow_runs,deployments,work_pools",
-        "comma-separated breakdown groups to collect (the six specified metrics always are)",
+        "comma-separated breakdown groups (the six specified metrics are always collected)",
     ),
     (
         "EXPORTER_LOOKBACK",
         "7d",
-        "how far back the first collection looks for each deployment's last runs (seconds, or a number with s, m, h or d)",
+        "how far back the first collection reads runs that ended (seconds, or with s, m, h or d)",
     ),
     (
         "EXPORTER_MAX_DEPLOYMENTS",

@@ -7,26 +7,31 @@
 //! EXPORTER_MAX_DEPLOYMENTS), E runs that ended since the previous collection
 //! (plus the overlap) and L late runs: 2 counts, ceil(N/200) listing pages,
 //! ceil(new flows/200) flow lookups (0 once the flows are known), max(1,
-//! ceil(E/200)) ended-run pages, and for the late runs 1 request when L < 200,
-//! else the cheaper of paging them all (ceil(L/200) + 1) and one count per
-//! deployment (N + 2). Nothing here grows with the run history: the last-run
-//! times are kept between collections and only runs that ended since are asked
-//! for.
+//! ceil(E/200)) ended-run pages (at most `MAX_PAGES`, the rest at the next
+//! collection), and for the late runs 1 request when L < 200, else the cheaper
+//! of paging them all (ceil(L/200) + 1) and one count per deployment (N + 2).
+//! Nothing here grows with the run history: the last-run times are kept between
+//! collections and only runs that ended since are asked for.
 //!
-//! The incremental scheme for the last-run times:
-//! - First pass ("priming"): runs of a deployment in COMPLETED, FAILED or
-//!   CRASHED whose `end_time` is within EXPORTER_LOOKBACK, newest first, paged.
-//!   Newest first means that the first run seen per (deployment, state type) is
-//!   the newest one, so a pass cut by its page budget (`PRIME_PAGES`) shows
-//!   only true values and goes on at the next collection.
-//! - Afterwards: only runs whose `end_time` is at or after
-//!   `min(previous start - OVERLAP, newest end time seen)`. Prefect stamps
-//!   `end_time` with its own clock when a run enters a final state, so runs that
-//!   finish between two collections are exactly the runs with a newer end time.
-//!   OVERLAP covers transactions that commit after a later one was read and a
-//!   small clock difference between the exporter and Prefect; the newest end
-//!   time seen covers an exporter clock running ahead of Prefect's.
-//!   Prefect has no filter on `updated` for flow runs, and none is needed.
+//! The incremental scheme for the last-run times is a series of passes over
+//! the runs of a deployment in COMPLETED, FAILED or CRASHED whose `end_time` is
+//! at or after a lower bound, newest first, 200 per page:
+//! - The first pass starts EXPORTER_LOOKBACK before the first collection.
+//! - Each later pass starts at `min(start of the previous pass - OVERLAP,
+//!   newest end time seen)`. Prefect stamps `end_time` with its own clock when
+//!   a run enters a final state, so the runs that finished since the previous
+//!   pass are exactly those with a newer end time; Prefect has no filter on a
+//!   run's `updated` time, and none is needed. OVERLAP covers a transaction that
+//!   commits after a later one was read and a small clock difference between
+//!   the exporter and Prefect; the newest end time seen covers an exporter clock
+//!   running ahead of Prefect's. Once nothing has ended for OVERLAP, a pass is
+//!   one request answered with the newest run alone.
+//! - A pass reads at most `MAX_PAGES` pages and half of the time left in a
+//!   collection; a longer one (a long first pass, a burst of runs ending) goes
+//!   on at the next collection from where it stopped, and so does one cut by a
+//!   failed request, so a slow server never makes it start over. Newest first
+//!   means the first run seen per (deployment, state type) is the newest one:
+//!   a pass cut short only shows true values, some of them not yet updated.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -41,9 +46,9 @@ use crate::snapshot::{DeploymentSeries, DeploymentsPart, TRACKED_END_STATES};
 const PAGE: usize = 200;
 /// How far before the previous collection's start runs are asked for again.
 pub const OVERLAP: Duration = Duration::from_secs(30);
-/// Pages the first pass may read per collection (10,000 runs), so that a long
-/// history is primed over a few collections instead of failing the first one.
-pub const PRIME_PAGES: usize = 50;
+/// Pages a pass may read per collection (10,000 runs), so that a long history
+/// is read over a few collections instead of failing the first one.
+pub const MAX_PAGES: usize = 50;
 const LATE: &str = "Late";
 
 /// What this group remembers between collections.
@@ -52,21 +57,19 @@ pub struct State {
     /// Flow id -> flow name: names never change, so each flow is looked up once.
     flow_names: HashMap<String, String>,
     last_runs: LastRuns,
-    prime: Prime,
-    /// Exporter time at the start of the previous successful look at ended runs.
+    /// The pass over ended runs in progress, if one was cut short.
+    pass: Option<Pass>,
+    /// Exporter time at the start of the last pass that was read to its end.
     cursor: Option<f64>,
     cap_warned: bool,
 }
 
-#[derive(Default)]
-enum Prime {
-    #[default]
-    NotStarted,
-    InProgress {
-        offset: usize,
-        since: f64,
-    },
-    Done,
+/// One look at the runs that ended at or after `after`, newest first.
+struct Pass {
+    after: f64,
+    offset: usize,
+    /// Exporter time when the pass began.
+    started: f64,
 }
 
 /// Newest end time per deployment id and tracked state type, and the newest
@@ -236,9 +239,10 @@ pub fn collect(
     let wanted = (total as usize).min(settings.max_deployments);
     let listed = list_deployments(client, wanted, deadline)?;
     resolve_flow_names(client, &listed, &mut state.flow_names, deadline)?;
-    update_last_runs(client, settings.lookback, state, deadline)?;
     let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
     let late = late_runs(client, &ids, deadline)?;
+    // Last: it may use the time that is left.
+    update_last_runs(client, settings.lookback, state, deadline)?;
 
     let items = build_items(&listed, &state.flow_names, &state.last_runs, &late);
     // Forget what belongs to deleted deployments. When the cap cuts, a
@@ -355,46 +359,44 @@ fn update_last_runs(
     state: &mut State,
     deadline: Instant,
 ) -> Result<(), ApiError> {
-    let started = rfc3339::now();
-    if let Some(cursor) = state.cursor {
-        let after = state.last_runs.lower_bound(cursor);
-        let mut offset = 0;
-        loop {
-            let page: Vec<EndedRun> = client.post(
-                "/flow_runs/filter",
-                &ended_runs_body(after, offset),
-                deadline,
-            )?;
-            state.last_runs.apply(&page);
-            if page.len() < PAGE {
-                break;
+    let started_at = Instant::now();
+    // Leave time for the groups after this one.
+    let soft_deadline = started_at + deadline.saturating_duration_since(started_at) / 2;
+    let pass = match state.pass.take() {
+        Some(p) => p,
+        None => {
+            let now = rfc3339::now();
+            let after = match state.cursor {
+                Some(cursor) => state.last_runs.lower_bound(cursor),
+                None => now - lookback.as_secs_f64(),
+            };
+            Pass {
+                after,
+                offset: 0,
+                started: now,
             }
-            offset += PAGE;
         }
-    }
-    if matches!(state.prime, Prime::NotStarted) {
-        state.prime = Prime::InProgress {
-            offset: 0,
-            since: started - lookback.as_secs_f64(),
-        };
-    }
-    // Runs that end from now on are the next incremental request's business,
-    // also when the first pass below is cut short.
-    state.cursor = Some(started);
-    if let Prime::InProgress { offset, since } = &mut state.prime {
-        for _ in 0..PRIME_PAGES {
-            let page: Vec<EndedRun> = client.post(
-                "/flow_runs/filter",
-                &ended_runs_body(*since, *offset),
-                deadline,
-            )?;
-            state.last_runs.apply(&page);
-            *offset += page.len();
-            if page.len() < PAGE {
-                log::debug!("last runs primed from {} runs", *offset);
-                state.prime = Prime::Done;
-                break;
-            }
+    };
+    let pass = state.pass.insert(pass);
+    for i in 0..MAX_PAGES {
+        if i > 0 && Instant::now() >= soft_deadline {
+            log::debug!(
+                "ended runs: pass cut after {} runs, goes on next time",
+                pass.offset
+            );
+            return Ok(());
+        }
+        let page: Vec<EndedRun> = client.post(
+            "/flow_runs/filter",
+            &ended_runs_body(pass.after, pass.offset),
+            deadline,
+        )?;
+        state.last_runs.apply(&page);
+        pass.offset += page.len();
+        if page.len() < PAGE {
+            state.cursor = Some(pass.started);
+            state.pass = None;
+            return Ok(());
         }
     }
     Ok(())
