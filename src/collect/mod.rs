@@ -52,18 +52,14 @@ pub fn collect_all(
     let started = Instant::now();
     let mut groups = Vec::new();
 
-    let t = Instant::now();
-    let seed = seed::collect(client, &config.check_deployments, deadline);
-    groups.push(GroupOutcome {
-        name: "seed",
-        duration: t.elapsed(),
-        error: seed.as_ref().err().map(ToString::to_string),
+    let seed = run_group("seed", &mut groups, || {
+        seed::collect(client, &config.check_deployments, deadline)
     });
 
     let stale = state
         .version_checked
         .is_none_or(|at| at.elapsed() >= VERSION_REFRESH);
-    if seed.is_ok() && (stale || state.last_failed) {
+    if seed.is_some() && (stale || state.last_failed) {
         // Not every deployment answers (Prefect Cloud has no admin API): a missing
         // version is no failure, the series is simply absent.
         match client.get::<String>("/admin/version", deadline) {
@@ -101,7 +97,7 @@ pub fn collect_all(
     };
 
     let snapshot = Snapshot {
-        seed: seed.ok(),
+        seed,
         flow_runs,
         deployments,
         work_pools,
