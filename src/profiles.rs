@@ -108,9 +108,19 @@ pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>, Con
         return Ok(None);
     };
     let chosen = env("PREFECT_PROFILE").filter(|v| !v.trim().is_empty());
+    // Only the default place (under HOME) may be unreachable without a word: in
+    // a container HOME often points at a directory the user cannot read.
+    let implicit = ["PREFECT_PROFILES_PATH", "PREFECT_HOME"]
+        .iter()
+        .all(|v| env(v).is_none_or(|x| x.trim().is_empty()));
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) || (implicit && e.kind() == std::io::ErrorKind::PermissionDenied) =>
+        {
             return match chosen {
                 Some(name) if !BUNDLED_PROFILES.contains(&name.trim()) => Err(profile_error(
                     &path,
@@ -407,6 +417,13 @@ PREFECT_CLIENT_CUSTOM_HEADERS = { X-Team = "data" }
             _ => None,
         };
         assert_eq!(load(&get).unwrap(), None);
+        // HOME a file, not a directory: no profiles either.
+        let file = std::env::temp_dir().join(format!("pe-prof-file-{}", std::process::id()));
+        std::fs::write(&file, "x").unwrap();
+        let home = file.to_string_lossy().to_string();
+        let get_file_home = move |k: &str| (k == "HOME").then(|| home.clone());
+        assert_eq!(load(&get_file_home).unwrap(), None);
+        let _ = std::fs::remove_file(&file);
         let home = dir.to_string_lossy().to_string();
         let get = move |k: &str| match k {
             "PREFECT_HOME" => Some(home.clone()),
