@@ -9,11 +9,17 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::profiles::{self, Profile, PROFILE_SETTINGS};
+use crate::proxy::{self, ProxyChoice};
+
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:4200/api";
 pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_INTERVAL_SECS: u64 = 30;
 pub const DEFAULT_MAX_REQUEST_TIMEOUT_SECS: f64 = 60.0;
 pub const DEFAULT_MAX_RETRIES: u32 = 5;
+/// Prefect Cloud's API: CSRF tokens are a self-hosted feature, Prefect's own
+/// client never asks Cloud for one, and neither does the exporter.
+pub const PREFECT_CLOUD_API_URL: &str = "https://api.prefect.cloud/";
 pub const DEFAULT_LOOKBACK_SECS: u64 = 7 * 86_400;
 pub const DEFAULT_MAX_DEPLOYMENTS: usize = 1000;
 
@@ -43,7 +49,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "PREFECT_CLIENT_MAX_RETRIES",
         "5",
-        "retries of a request answered 429/502/503 or cut on a reused connection",
+        "retries on 408/429/502/503 (honouring Retry-After) and on a reset reused connection, within the collection",
     ),
     (
         "PREFECT_CLIENT_CUSTOM_HEADERS",
@@ -64,6 +70,27 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED",
         "true",
         "fetch and send CSRF tokens when the server asks for them",
+    ),
+    (
+        "PREFECT_PROFILES_PATH",
+        "$PREFECT_HOME/profiles.toml",
+        "Prefect profiles file; its active profile fills the PREFECT_* client settings the environment lacks",
+    ),
+    ("PREFECT_HOME", "~/.prefect", "Prefect home directory (holds profiles.toml)"),
+    (
+        "PREFECT_PROFILE",
+        "the file's `active`",
+        "name of the profile to read from the profiles file",
+    ),
+    (
+        "HTTPS_PROXY / HTTP_PROXY",
+        "unset",
+        "proxy for https / http Prefect URLs (also lower case, ALL_PROXY as a fallback)",
+    ),
+    (
+        "NO_PROXY",
+        "unset",
+        "comma-separated hosts, domains, IPs or CIDR blocks reached without the proxy",
     ),
     (
         "EXPORTER_ADDRESS",
@@ -122,8 +149,13 @@ pub struct Config {
     pub max_retries: u32,
     pub custom_headers: Vec<(String, String)>,
     pub ssl_cert_file: Option<PathBuf>,
+    /// The variable `ssl_cert_file` came from, for error messages.
+    pub ssl_cert_var: &'static str,
     pub tls_insecure_skip_verify: bool,
     pub csrf_enabled: bool,
+    pub proxy: Option<ProxyChoice>,
+    /// The active Prefect profile that filled settings missing from the environment.
+    pub profile: Option<String>,
     pub address: Option<IpAddr>,
     pub port: u16,
     pub interval: Duration,
@@ -184,6 +216,14 @@ pub enum ConfigError {
     },
     /// A command-line argument the exporter does not know.
     UnknownArgument(String),
+    /// The profiles file cannot be used.
+    Profile { path: String, detail: String },
+    /// A bad value that came from the profiles file, not the environment.
+    FromProfile {
+        error: Box<ConfigError>,
+        profile: String,
+        path: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -200,6 +240,14 @@ impl fmt::Display for ConfigError {
                     "unknown argument {arg}: settings come from the environment, see --help"
                 )
             }
+            ConfigError::Profile { path, detail } => {
+                write!(f, "Prefect profiles file {path}: {detail}")
+            }
+            ConfigError::FromProfile {
+                error,
+                profile,
+                path,
+            } => write!(f, "{error} (set in profile {profile:?} of {path})"),
         }
     }
 }
@@ -219,6 +267,27 @@ const PROTECTED_HEADERS: &[&str] = &[
 ];
 
 impl Config {
+    /// Reads the settings from the environment, and the Prefect client settings
+    /// it lacks from the active Prefect profile (see `profiles`).
+    pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let profile = profiles::load(env)?;
+        let lookup = env_then_profile(env, profile.as_ref());
+        let mut config = Config::from_lookup(&lookup).map_err(|e| match (&e, &profile) {
+            (ConfigError::Invalid { var, .. }, Some(p))
+                if env_value(env, var).is_none() && p.get(var).is_some() =>
+            {
+                ConfigError::FromProfile {
+                    error: Box::new(e),
+                    profile: p.name.clone(),
+                    path: p.path.display().to_string(),
+                }
+            }
+            _ => e,
+        })?;
+        config.profile = profile.as_ref().map(|p| p.to_string());
+        Ok(config)
+    }
+
     /// Reads the settings through `lookup` (the process environment in production,
     /// a map in tests). Empty values count as unset, as compose files often leave
     /// `VAR=` lines behind.
@@ -230,6 +299,11 @@ impl Config {
             Some(v) => parse_url(&v)?,
             None => DEFAULT_API_URL.to_string(),
         };
+
+        warnings.extend(cloud_url_warning(
+            &api_url,
+            get("PREFECT_API_KEY").is_some(),
+        ));
 
         let auth = match (get("PREFECT_API_AUTH_STRING"), get("PREFECT_API_KEY")) {
             (Some(s), key) => {
@@ -287,9 +361,10 @@ impl Config {
             None => Vec::new(),
         };
 
-        let ssl_cert_file = get("PREFECT_API_SSL_CERT_FILE")
-            .or_else(|| get("SSL_CERT_FILE"))
-            .map(PathBuf::from);
+        let (ssl_cert_file, ssl_cert_var) = match get("PREFECT_API_SSL_CERT_FILE") {
+            Some(v) => (Some(PathBuf::from(v)), "PREFECT_API_SSL_CERT_FILE"),
+            None => (get("SSL_CERT_FILE").map(PathBuf::from), "SSL_CERT_FILE"),
+        };
         let tls_insecure_skip_verify = match get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY") {
             Some(v) => parse_bool("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", &v)?,
             None => false,
@@ -303,7 +378,8 @@ impl Config {
         let csrf_enabled = match get("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED") {
             Some(v) => parse_bool("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", &v)?,
             None => true,
-        };
+        } && !api_url.starts_with(PREFECT_CLOUD_API_URL);
+        let proxy = proxy::choose(&api_url, lookup)?;
 
         let address = match get("EXPORTER_ADDRESS") {
             Some(v) => Some(
@@ -367,8 +443,11 @@ impl Config {
             max_retries,
             custom_headers,
             ssl_cert_file,
+            ssl_cert_var,
             tls_insecure_skip_verify,
             csrf_enabled,
+            proxy,
+            profile: None,
             address,
             port,
             interval,
@@ -402,8 +481,8 @@ impl fmt::Display for Config {
         write!(
             f,
             "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
-             ca_file={} tls_skip_verify={} csrf={} address={} port={} interval={}s \
-             log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
+             ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
+             interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
              max_deployments={}",
             self.api_url,
             auth,
@@ -416,6 +495,11 @@ impl fmt::Display for Config {
                 .unwrap_or_else(|| "built-in".into()),
             self.tls_insecure_skip_verify,
             self.csrf_enabled,
+            self.proxy
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "none".into()),
+            self.profile.as_deref().unwrap_or("none"),
             address,
             self.port,
             self.interval.as_secs(),
@@ -425,6 +509,27 @@ impl fmt::Display for Config {
             self.lookback.as_secs(),
             self.max_deployments,
         )
+    }
+}
+
+fn env_value(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    env(name).filter(|v| !v.trim().is_empty())
+}
+
+/// The lookup `from_lookup` reads: the environment first (an empty value counts
+/// as unset), then, for Prefect client settings only, the active profile.
+pub fn env_then_profile<'a>(
+    env: &'a dyn Fn(&str) -> Option<String>,
+    profile: Option<&'a Profile>,
+) -> impl Fn(&str) -> Option<String> + 'a {
+    move |name: &str| {
+        env_value(env, name).or_else(|| {
+            if PROFILE_SETTINGS.contains(&name) {
+                profile.and_then(|p| p.get(name))
+            } else {
+                None
+            }
+        })
     }
 }
 
@@ -462,6 +567,32 @@ fn parse_url(v: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(v.trim_end_matches('/').to_string())
+}
+
+/// Prefect Cloud mistakes that otherwise show up only as 404s or 401s: the UI's
+/// address instead of the API's, a URL without the workspace, no API key.
+fn cloud_url_warning(url: &str, has_key: bool) -> Option<String> {
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("https://app.prefect.cloud") {
+        return Some(format!(
+            "PREFECT_API_URL={url} is the Prefect Cloud UI; the API is \
+             https://api.prefect.cloud/api/accounts/<account id>/workspaces/<workspace id>"
+        ));
+    }
+    if !lower.starts_with(PREFECT_CLOUD_API_URL) {
+        return None;
+    }
+    let path = &lower[PREFECT_CLOUD_API_URL.len()..];
+    let parts: Vec<&str> = path.split('/').collect();
+    if !matches!(parts.as_slice(), ["api", "accounts", a, "workspaces", w] if !a.is_empty() && !w.is_empty())
+    {
+        return Some(format!(
+            "PREFECT_API_URL={url} is not a Prefect Cloud workspace URL \
+             (https://api.prefect.cloud/api/accounts/<account id>/workspaces/<workspace id>)"
+        ));
+    }
+    (!has_key)
+        .then(|| "PREFECT_API_URL is Prefect Cloud but PREFECT_API_KEY is not set".to_string())
 }
 
 fn parse_positive_int(
@@ -853,6 +984,202 @@ mod tests {
             vec![("X-Team".to_string(), "data".to_string())]
         );
         assert_eq!(c.warnings.len(), 2);
+    }
+
+    fn write_profiles(text: &str) -> (PathBuf, String) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pe-config-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("profiles.toml");
+        std::fs::write(&path, text).unwrap();
+        let shown = path.display().to_string();
+        (path, shown)
+    }
+
+    fn load(path: &std::path::Path, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.insert("PREFECT_PROFILES_PATH".into(), path.display().to_string());
+        Config::load(&move |k: &str| map.get(k).cloned())
+    }
+
+    const PROFILES: &str = r#"
+active = "dev"
+[profiles.dev]
+PREFECT_API_URL = "http://dev.example:4200/api"
+PREFECT_API_AUTH_STRING = "admin:pr0file"
+PREFECT_CLIENT_MAX_RETRIES = 2
+PREFECT_API_TLS_INSECURE_SKIP_VERIFY = false
+EXPORTER_INTERVAL = 5
+[profiles.broken]
+PREFECT_API_URL = "dev.example/api"
+PREFECT_CLIENT_MAX_RETRIES = "lots"
+"#;
+
+    #[test]
+    fn profile_fills_what_the_environment_lacks() {
+        let (path, shown) = write_profiles(PROFILES);
+        let c = load(&path, &[]).unwrap();
+        assert_eq!(c.api_url, "http://dev.example:4200/api");
+        assert!(c.auth == Auth::Basic("admin:pr0file".into()));
+        assert_eq!(c.max_retries, 2);
+        // Only Prefect client settings come from a profile.
+        assert_eq!(c.interval, Duration::from_secs(30));
+        let display = c.to_string();
+        assert!(
+            display.contains(&format!("profile=dev ({shown}")),
+            "{display}"
+        );
+        assert!(!display.contains("pr0file"), "{display}");
+    }
+
+    #[test]
+    fn environment_wins_over_the_profile() {
+        let (path, _) = write_profiles(PROFILES);
+        let c = load(
+            &path,
+            &[
+                ("PREFECT_API_URL", "http://env:4200/api"),
+                ("PREFECT_CLIENT_MAX_RETRIES", "0"),
+                // Empty counts as unset: the profile's value applies.
+                ("PREFECT_API_AUTH_STRING", ""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.api_url, "http://env:4200/api");
+        assert_eq!(c.max_retries, 0);
+        assert!(c.auth == Auth::Basic("admin:pr0file".into()));
+        // An API key in the environment does not beat an auth string in the
+        // profile: the auth string wins over a key wherever each comes from.
+        let c = load(&path, &[("PREFECT_API_KEY", "pnu_x")]).unwrap();
+        assert!(matches!(c.auth, Auth::Basic(_)));
+    }
+
+    #[test]
+    fn bad_profile_values_name_variable_profile_and_file() {
+        let (path, shown) = write_profiles(PROFILES);
+        let e = load(&path, &[("PREFECT_PROFILE", "broken")]).err().unwrap();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("PREFECT_API_URL=dev.example/api"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("profile \"broken\" of {shown}")),
+            "{text}"
+        );
+        // The same bad value from the environment is reported as such.
+        let e = load(
+            &path,
+            &[
+                ("PREFECT_PROFILE", "broken"),
+                ("PREFECT_API_URL", "http://ok/api"),
+                ("PREFECT_CLIENT_MAX_RETRIES", "x"),
+            ],
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(
+            e,
+            ConfigError::Invalid {
+                var: "PREFECT_CLIENT_MAX_RETRIES",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unusable_profiles_files_stop_the_start() {
+        let (path, shown) = write_profiles("active = \"dev\"\n[profiles.dev\n");
+        let e = load(&path, &[]).err().unwrap().to_string();
+        assert!(e.contains(&shown) && e.contains("TOML"), "{e}");
+        let (path, shown) = write_profiles(PROFILES);
+        let e = load(&path, &[("PREFECT_PROFILE", "nope")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&shown) && e.contains("nope"), "{e}");
+        let missing = path.with_file_name("absent.toml");
+        assert!(load(&missing, &[]).is_ok());
+    }
+
+    #[test]
+    fn ca_file_remembers_its_variable() {
+        let c = parse(&[("SSL_CERT_FILE", "/etc/ca.pem")]).unwrap();
+        assert_eq!(c.ssl_cert_var, "SSL_CERT_FILE");
+        let c = parse(&[
+            ("SSL_CERT_FILE", "/etc/ca.pem"),
+            ("PREFECT_API_SSL_CERT_FILE", "/etc/prefect-ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(c.ssl_cert_var, "PREFECT_API_SSL_CERT_FILE");
+        assert_eq!(c.ssl_cert_file, Some(PathBuf::from("/etc/prefect-ca.pem")));
+    }
+
+    #[test]
+    fn csrf_is_never_asked_of_prefect_cloud() {
+        let c = parse(&[(
+            "PREFECT_API_URL",
+            "https://api.prefect.cloud/api/accounts/a/workspaces/w",
+        )])
+        .unwrap();
+        assert!(!c.csrf_enabled);
+        assert!(
+            parse(&[("PREFECT_API_URL", "https://prefect.example/api")])
+                .unwrap()
+                .csrf_enabled
+        );
+    }
+
+    #[test]
+    fn prefect_cloud_url_mistakes_are_warned_about() {
+        let ws = "https://api.prefect.cloud/api/accounts/0a1b/workspaces/2c3d";
+        let c = parse(&[("PREFECT_API_URL", ws), ("PREFECT_API_KEY", "pnu_x")]).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(&[("PREFECT_API_URL", ws)]).unwrap();
+        assert!(
+            c.warnings[0].contains("PREFECT_API_KEY"),
+            "{:?}",
+            c.warnings
+        );
+        for url in [
+            "https://api.prefect.cloud/api",
+            "https://api.prefect.cloud/api/accounts/0a1b",
+            "https://app.prefect.cloud/account/0a1b/workspace/2c3d/dashboard",
+        ] {
+            let c = parse(&[("PREFECT_API_URL", url), ("PREFECT_API_KEY", "k")]).unwrap();
+            assert!(
+                c.warnings.len() == 1 && c.warnings[0].contains("workspaces/<workspace id>"),
+                "{url}: {:?}",
+                c.warnings
+            );
+        }
+        let c = parse(&[("PREFECT_API_URL", "https://prefect.example.com/api")]).unwrap();
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn proxy_is_chosen_for_the_api_url() {
+        let c = parse(&[
+            ("PREFECT_API_URL", "https://prefect.example/api"),
+            ("HTTPS_PROXY", "http://u:pw5@proxy:3128"),
+        ])
+        .unwrap();
+        assert_eq!(c.proxy.as_ref().unwrap().var, "HTTPS_PROXY");
+        let shown = c.to_string();
+        assert!(
+            shown.contains("proxy=http://***@proxy:3128 (from HTTPS_PROXY)"),
+            "{shown}"
+        );
+        assert!(!shown.contains("pw5"));
+        assert_eq!(err_var(&[("HTTP_PROXY", "socks5://s:1080")]), "HTTP_PROXY");
     }
 
     #[test]

@@ -6,6 +6,8 @@ mod collector;
 mod config;
 mod metrics;
 mod prefect;
+mod profiles;
+mod proxy;
 mod server;
 mod snapshot;
 
@@ -43,7 +45,7 @@ fn run() -> i32 {
             _ => return fail(&ConfigError::UnknownArgument(arg)),
         }
     }
-    let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
+    let config = match Config::load(&|name| std::env::var(name).ok()) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -18,11 +18,20 @@ const MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 /// Backoff between retries when the server gives no `Retry-After`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest `Retry-After` taken at its word; longer ones stop retrying anyway,
+/// since no collection lasts an hour.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Answers worth another try: the request may succeed later (rate limit, a proxy
+/// or load balancer between restarts, a server that timed out reading). Prefect's
+/// own client retries the same codes.
+const RETRY_STATUSES: &[u16] = &[408, 429, 502, 503];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
-    /// No HTTP answer: refused connection, unknown host, TLS failure, reset.
+    /// No HTTP answer: refused connection, unknown host, reset.
     Transport { path: String, detail: String },
+    /// The TLS handshake failed: an unknown CA, a wrong host name, no TLS.
+    Tls { path: String, detail: String },
     /// No answer within the time left.
     Timeout { path: String, after: Duration },
     /// An HTTP answer that is not a success.
@@ -44,6 +53,11 @@ impl fmt::Display for ApiError {
                     "{path}: cannot reach Prefect: {detail} (check PREFECT_API_URL)"
                 )
             }
+            ApiError::Tls { path, detail } => write!(
+                f,
+                "{path}: TLS problem with Prefect: {detail} (for a private CA set \
+                 PREFECT_API_SSL_CERT_FILE; PREFECT_API_TLS_INSECURE_SKIP_VERIFY=true skips the check)"
+            ),
             ApiError::Timeout { path, after } => {
                 write!(f, "{path}: no answer within {:.1}s", after.as_secs_f64())
             }
@@ -53,6 +67,10 @@ impl fmt::Display for ApiError {
                 detail,
             } => {
                 let hint = match status {
+                    403 if is_csrf_refusal(detail) => {
+                        " (the server wants CSRF tokens: PREFECT_CLIENT_CSRF_SUPPORT_ENABLED must not be false)"
+                    }
+                    429 => " (rate limited: a longer EXPORTER_INTERVAL asks less often)",
                     401 | 403 => " (check PREFECT_API_AUTH_STRING or PREFECT_API_KEY)",
                     404 | 405 => {
                         " (check PREFECT_API_URL: it should end in /api or a workspace path)"
@@ -75,11 +93,15 @@ impl fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 enum Csrf {
-    /// Not asked yet: the first POST will ask.
+    /// Not asked yet: the next POST will ask.
     Unknown,
     /// The server said it has no CSRF protection, or the user turned support off.
     Disabled,
-    Token(String),
+    Token {
+        token: String,
+        /// When to fetch a new one before the server starts refusing it.
+        refresh_at: Option<Instant>,
+    },
 }
 
 pub struct Client {
@@ -89,6 +111,8 @@ pub struct Client {
     custom_headers: Vec<(String, String)>,
     request_timeout: Duration,
     max_retries: u32,
+    /// `PREFECT_CLIENT_CSRF_SUPPORT_ENABLED` (and not Prefect Cloud).
+    csrf_allowed: bool,
     csrf: Csrf,
     csrf_client_id: String,
 }
@@ -104,11 +128,7 @@ impl Client {
     pub fn new(config: &Config) -> Result<Client, ConfigError> {
         let mut tls = TlsConfig::builder().disable_verification(config.tls_insecure_skip_verify);
         if let Some(path) = &config.ssl_cert_file {
-            let var = if std::env::var_os("PREFECT_API_SSL_CERT_FILE").is_some() {
-                "PREFECT_API_SSL_CERT_FILE"
-            } else {
-                "SSL_CERT_FILE"
-            };
+            let var = config.ssl_cert_var;
             let shown = path.display().to_string();
             let pem = std::fs::read(path).map_err(|_| ConfigError::Invalid {
                 var,
@@ -128,12 +148,25 @@ impl Client {
                     expected: "no certificate found: expected a PEM file of CA certificates",
                 });
             }
+            // Like Prefect's client (`ssl.create_default_context(cafile=...)`), the
+            // file replaces the built-in roots rather than adding to them.
             tls = tls.root_certs(RootCerts::new_with_certs(&certs));
         }
+        let proxy = match &config.proxy {
+            Some(p) => Some(ureq::Proxy::new(&p.url).map_err(|_| ConfigError::Invalid {
+                var: p.var,
+                value: crate::proxy::mask_userinfo(&p.url),
+                expected: "expected a proxy URL such as http://proxy.example.com:3128",
+            })?),
+            None => None,
+        };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .user_agent(concat!("prefect-exporter/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls.build())
+            // Chosen once from the environment in `proxy` (ureq's own default
+            // reads it differently from curl and Prefect's client).
+            .proxy(proxy)
             // The server closes idle keep-alive connections after 5 s; a small pool
             // is all one sequential collector needs.
             .max_idle_connections(2)
@@ -153,6 +186,7 @@ impl Client {
             custom_headers: config.custom_headers.clone(),
             request_timeout: config.request_timeout,
             max_retries: config.max_retries,
+            csrf_allowed: config.csrf_enabled,
             csrf: if config.csrf_enabled {
                 Csrf::Unknown
             } else {
@@ -178,8 +212,8 @@ impl Client {
             path,
             body: Some(body),
         };
-        let text = self.send(&call, deadline)?;
-        decode(&call, &text)
+        let answer = self.send(&call, deadline)?;
+        decode(&call, &answer.body)
     }
 
     /// `GET path`, answer decoded as `T`.
@@ -193,12 +227,12 @@ impl Client {
             path,
             body: None,
         };
-        let text = self.send(&call, deadline)?;
-        decode(&call, &text)
+        let answer = self.send(&call, deadline)?;
+        decode(&call, &answer.body)
     }
 
-    /// Sends with retries, all inside `deadline`, and returns the body of a 2xx.
-    fn send(&mut self, call: &Call, deadline: Instant) -> Result<String, ApiError> {
+    /// Sends with retries, all inside `deadline`, and returns a 2xx answer.
+    fn send(&mut self, call: &Call, deadline: Instant) -> Result<Answer, ApiError> {
         let what = format!("{} {}", call.method, call.path);
         let mut retries_left = self.max_retries;
         let mut backoff = FIRST_BACKOFF;
@@ -234,22 +268,36 @@ impl Client {
                         after: started.elapsed(),
                     })
                 }
+                Err(SendError::Tls(detail)) => return Err(ApiError::Tls { path: what, detail }),
                 Err(SendError::Other(detail)) => {
                     return Err(ApiError::Transport { path: what, detail })
                 }
-                Ok(answer) if (200..300).contains(&answer.status) => return Ok(answer.body),
+                Ok(answer) if (200..300).contains(&answer.status) => {
+                    if call.method == "POST" && matches!(self.csrf, Csrf::Unknown) {
+                        // The token fetch failed, yet a POST without a token was
+                        // accepted: the server does not enforce CSRF. Stop asking
+                        // (a later CSRF 403 turns asking back on).
+                        log::debug!("{what} accepted without a CSRF token; not asking for one");
+                        self.csrf = Csrf::Disabled;
+                    }
+                    return Ok(answer);
+                }
                 Ok(answer) => {
                     if answer.status == 403
-                        && matches!(self.csrf, Csrf::Token(_))
+                        && call.method == "POST"
+                        && self.csrf_allowed
                         && !csrf_retried
-                        && answer.body.contains("CSRF")
+                        && is_csrf_refusal(&answer.body)
                     {
+                        // Expired, never fetched (the fetch failed), or the server
+                        // turned CSRF protection on since it said it was off.
                         log::debug!("{what}: CSRF token refused, fetching a new one");
                         self.csrf = Csrf::Unknown;
                         csrf_retried = true;
                         continue;
                     }
-                    if matches!(answer.status, 429 | 502 | 503) && retries_left > 0 {
+                    let mut detail = summarize(&answer.body);
+                    if RETRY_STATUSES.contains(&answer.status) && retries_left > 0 {
                         let wait = answer.retry_after.unwrap_or(backoff);
                         // Never sleep past the collection's deadline: better to fail
                         // this collection than to run into the next one.
@@ -264,11 +312,15 @@ impl Client {
                             std::thread::sleep(wait);
                             continue;
                         }
+                        detail = format!(
+                            "{detail} (not retried: waiting {:.1}s would pass the end of this collection)",
+                            wait.as_secs_f64()
+                        );
                     }
                     return Err(ApiError::Status {
                         path: what,
                         status: answer.status,
-                        detail: summarize(&answer.body),
+                        detail: detail.trim().to_string(),
                     });
                 }
             }
@@ -284,7 +336,7 @@ impl Client {
         for (k, v) in &self.custom_headers {
             headers.push((k, v));
         }
-        if let (Csrf::Token(token), "POST") = (&self.csrf, call.method) {
+        if let (Csrf::Token { token, .. }, "POST") = (&self.csrf, call.method) {
             headers.push(("Prefect-Csrf-Token", token));
             headers.push(("Prefect-Csrf-Client", &self.csrf_client_id));
         }
@@ -320,13 +372,16 @@ impl Client {
         };
         let mut response = result.map_err(SendError::from)?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let date = header("date").and_then(|d| httpdate::parse_http_date(d.trim()).ok());
+        let retry_after = header("retry-after")
+            .and_then(|v| parse_retry_after(&v, date.unwrap_or_else(SystemTime::now)));
         let body = response
             .body_mut()
             .with_config()
@@ -336,59 +391,148 @@ impl Client {
         Ok(Answer {
             status,
             retry_after,
+            date,
             body,
         })
     }
 
-    /// Asks for a CSRF token once; a server without CSRF protection says so and
-    /// is never asked again.
+    /// Fetches a CSRF token when there is none or it is about to expire. A
+    /// server without CSRF protection says so and is not asked again; a failed
+    /// fetch leaves the state unknown (the POST then reports the problem, and
+    /// a 403 for a missing token makes it fetch again).
     fn ensure_csrf_token(&mut self, deadline: Instant) {
-        if !matches!(self.csrf, Csrf::Unknown) {
-            return;
+        match &self.csrf {
+            Csrf::Disabled => return,
+            Csrf::Token {
+                refresh_at: Some(at),
+                ..
+            } if Instant::now() >= *at => log::debug!("CSRF token about to expire, renewing"),
+            Csrf::Token { .. } => return,
+            Csrf::Unknown => {}
         }
         #[derive(serde::Deserialize)]
         struct Token {
             token: String,
+            #[serde(default)]
+            expiration: Option<String>,
         }
         let path = format!("/csrf-token?client={}", self.csrf_client_id);
-        let timeout = remaining(deadline).min(self.request_timeout);
         let call = Call {
             method: "GET",
             path: &path,
             body: None,
         };
-        match self.send_once(&call, timeout) {
-            Ok(a) if a.status == 200 => match serde_json::from_str::<Token>(&a.body) {
+        let asked = Instant::now();
+        match self.send(&call, deadline) {
+            Ok(answer) => match serde_json::from_str::<Token>(&answer.body) {
                 Ok(t) => {
-                    log::debug!("CSRF protection is on: token received");
-                    self.csrf = Csrf::Token(t.token);
+                    let lifetime = t
+                        .expiration
+                        .as_deref()
+                        .and_then(parse_rfc3339)
+                        .and_then(|exp| token_lifetime(exp, answer.date));
+                    log::debug!(
+                        "CSRF protection is on: token received{}",
+                        lifetime
+                            .map(|l| format!(", valid {:.0}s", l.as_secs_f64()))
+                            .unwrap_or_default()
+                    );
+                    self.csrf = Csrf::Token {
+                        token: t.token,
+                        // Renew at 90% of its life: never send one the server
+                        // may already consider expired.
+                        refresh_at: lifetime.map(|l| asked + l.mul_f64(0.9)),
+                    };
                 }
-                Err(_) => self.csrf = Csrf::Disabled,
+                Err(e) => {
+                    log::debug!("CSRF token answer not understood ({e}); sending none");
+                    self.csrf = Csrf::Disabled;
+                }
             },
-            Ok(a) if a.status == 422 || a.status == 404 => {
+            // 404: a server older than CSRF support (or not Prefect's API);
+            // 422: "CSRF protection is disabled."
+            Err(ApiError::Status { status, .. }) if status == 404 || status == 422 => {
                 log::debug!("CSRF protection is off on the server");
                 self.csrf = Csrf::Disabled;
             }
-            // Transient: leave Unknown, the POST itself will report the problem.
-            _ => {}
+            Err(e) => {
+                log::debug!("CSRF token not available: {e}");
+                self.csrf = Csrf::Unknown;
+            }
         }
     }
+}
+
+/// The server's refusals for a missing, expired or unknown token (its messages:
+/// "Missing CSRF token.", "Missing client identifier.", "Invalid CSRF token or
+/// client identifier.").
+fn is_csrf_refusal(body: &str) -> bool {
+    body.contains("CSRF token") || body.contains("client identifier")
+}
+
+/// How long a token lives, as the shorter of two estimates, so that neither a
+/// skewed clock nor a stale `Date` makes the exporter send an expired token:
+/// - on the server's clock: expiration minus the answer's `Date`, less the
+///   second `Date` rounds away (uvicorn also refreshes its `Date` only once a
+///   second, later under load: it was seen 2 s old on a busy test machine);
+/// - on ours: expiration minus now (meaningless when the clocks differ by more
+///   than the token's life, so then only the first counts).
+fn token_lifetime(expiration: SystemTime, server_date: Option<SystemTime>) -> Option<Duration> {
+    let positive = |d: Option<Duration>| d.filter(|d| !d.is_zero());
+    let by_server = positive(server_date.and_then(|date| {
+        expiration
+            .duration_since(date + Duration::from_secs(1))
+            .ok()
+    }));
+    let by_ours = positive(expiration.duration_since(SystemTime::now()).ok());
+    match (by_server, by_ours) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `Retry-After` as RFC 9110 allows it: delay-seconds (fractions accepted, as
+/// Prefect's client does) or an HTTP-date, measured against `now` (the answer's
+/// own `Date` when it has one, so clock skew does not matter).
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<f64>() {
+        Ok(s) if s.is_finite() => Duration::from_secs_f64(s.clamp(0.0, 1e9)),
+        Ok(_) => return None,
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// An RFC 3339 timestamp as Prefect writes them (`2024-05-01T12:00:00.123456Z`).
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let secs = crate::collect::rfc3339::parse(s)?;
+    (secs >= 0.0 && secs.is_finite()).then(|| UNIX_EPOCH + Duration::from_secs_f64(secs))
 }
 
 struct Answer {
     status: u16,
     retry_after: Option<Duration>,
+    /// The server's `Date`, when it sent one.
+    date: Option<SystemTime>,
     body: String,
 }
 
 enum SendError {
     Reset(String),
     Timeout,
+    Tls(String),
     Other(String),
 }
 
 impl From<ureq::Error> for SendError {
     fn from(e: ureq::Error) -> Self {
+        if let Some(detail) = tls_failure(&e) {
+            return SendError::Tls(detail);
+        }
         match e {
             ureq::Error::Timeout(_) => SendError::Timeout,
             ureq::Error::Io(ref io)
@@ -406,6 +550,23 @@ impl From<ureq::Error> for SendError {
             ureq::Error::HostNotFound => SendError::Other("host not found".into()),
             other => SendError::Other(other.to_string()),
         }
+    }
+}
+
+/// A TLS failure, told apart from other transport errors so the log can point at
+/// the TLS settings. rustls reports handshake failures (an unknown issuer, a
+/// wrong name) as an I/O error wrapping its own error.
+fn tls_failure(e: &ureq::Error) -> Option<String> {
+    match e {
+        ureq::Error::Rustls(r) => Some(r.to_string()),
+        ureq::Error::Tls(s) => Some((*s).to_string()),
+        ureq::Error::Pem(p) => Some(p.to_string()),
+        ureq::Error::TlsRequired => Some("the server requires TLS".into()),
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(|r| r.to_string()),
+        _ => None,
     }
 }
 
@@ -515,6 +676,107 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_seconds_and_http_dates() {
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        assert_eq!(parse_retry_after("1", now), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_retry_after(" 0.5 ", now),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_retry_after("-3", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now),
+            Some(Duration::from_secs(10))
+        );
+        // The obsolete forms RFC 9110 still asks recipients to accept.
+        assert_eq!(
+            parse_retry_after("Sunday, 06-Nov-94 08:49:40 GMT", now),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            parse_retry_after("Sun Nov  6 08:49:39 1994", now),
+            Some(Duration::from_secs(2))
+        );
+        // A date in the past: retry at once.
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("NaN", now), None);
+    }
+
+    #[test]
+    fn rfc3339_timestamps() {
+        let at = |s| parse_rfc3339(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64());
+        assert_eq!(at("1970-01-01T00:00:00Z"), Some(0.0));
+        assert_eq!(at("2024-02-29T12:30:15Z"), Some(1_709_209_815.0));
+        assert_eq!(at("2024-02-29T12:30:15.250000Z"), Some(1_709_209_815.25));
+        assert_eq!(at("2024-02-29T14:30:15+02:00"), Some(1_709_209_815.0));
+        assert_eq!(at("2024-02-29T10:30:15.5-02:00"), Some(1_709_209_815.5));
+        assert_eq!(at("2000-03-01T00:00:00+00:00"), Some(951_868_800.0));
+        for bad in [
+            "",
+            "2024-02-29",
+            "2024-13-01T00:00:00Z",
+            "2024-02-29T12:30:15",
+            "x024-02-29T12:30:15Z",
+            "2024-02-29T12:30:15.Z",
+        ] {
+            assert_eq!(at(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn token_lifetime_takes_the_safer_of_both_clocks() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let close = |got: Option<Duration>, want: u64| {
+            let got = got.expect("a lifetime").as_secs_f64();
+            assert!((got - want as f64).abs() < 2.0, "{got} vs {want}");
+        };
+        // Clocks agree, Date fresh: an hour less the rounding second.
+        close(token_lifetime(now + hour, Some(now)), 3599);
+        // Clocks agree, Date 2 s stale (a busy server): ours is shorter, and used.
+        close(
+            token_lifetime(
+                now + Duration::from_secs(4),
+                Some(now - Duration::from_secs(2)),
+            ),
+            4,
+        );
+        // The server's clock an hour behind ours: its own Date decides.
+        let server_now = now - hour;
+        close(
+            token_lifetime(server_now + Duration::from_secs(60), Some(server_now)),
+            59,
+        );
+        // The server's clock an hour ahead: ours would say 61 min; Date says 1 min.
+        let server_now = now + hour;
+        close(
+            token_lifetime(server_now + Duration::from_secs(60), Some(server_now)),
+            59,
+        );
+        // No Date: our clock only.
+        close(token_lifetime(now + hour, None), 3600);
+        // Already expired by both.
+        assert_eq!(token_lifetime(now - hour, Some(now)), None);
+    }
+
+    #[test]
+    fn csrf_refusals_are_recognised() {
+        for body in [
+            r#"{"detail":"Missing CSRF token."}"#,
+            r#"{"detail":"Missing client identifier."}"#,
+            r#"{"detail":"Invalid CSRF token or client identifier."}"#,
+        ] {
+            assert!(is_csrf_refusal(body), "{body}");
+        }
+        assert!(!is_csrf_refusal(r#"{"detail":"Forbidden"}"#));
+    }
+
+    #[test]
     fn error_messages_point_at_the_setting_to_fix() {
         let e = ApiError::Status {
             path: "POST /flow_runs/count".into(),
@@ -528,5 +790,18 @@ mod tests {
             detail: "Not Found".into(),
         };
         assert!(e.to_string().contains("PREFECT_API_URL"));
+        let e = ApiError::Status {
+            path: "POST /flow_runs/count".into(),
+            status: 403,
+            detail: r#"{"detail":"Missing CSRF token."}"#.into(),
+        };
+        assert!(e
+            .to_string()
+            .contains("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"));
+        let e = ApiError::Tls {
+            path: "POST /flow_runs/count".into(),
+            detail: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        assert!(e.to_string().contains("PREFECT_API_SSL_CERT_FILE"));
     }
 }

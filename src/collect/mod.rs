@@ -3,7 +3,7 @@
 
 pub mod deployments;
 pub mod flow_runs;
-mod rfc3339;
+pub mod rfc3339;
 pub mod seed;
 pub mod work_pools;
 
