@@ -363,7 +363,19 @@ impl Config {
 
         let (ssl_cert_file, ssl_cert_var) = match get("PREFECT_API_SSL_CERT_FILE") {
             Some(v) => (Some(PathBuf::from(v)), "PREFECT_API_SSL_CERT_FILE"),
-            None => (get("SSL_CERT_FILE").map(PathBuf::from), "SSL_CERT_FILE"),
+            // SSL_CERT_FILE is a machine-wide variable, often inherited from a host
+            // that has the file when the exporter's container does not: a missing
+            // file there falls back to the built-in roots instead of stopping.
+            None => match get("SSL_CERT_FILE").map(PathBuf::from) {
+                Some(p) if !p.exists() => {
+                    warnings.push(format!(
+                        "SSL_CERT_FILE={}: no such file, using the built-in CA roots",
+                        p.display()
+                    ));
+                    (None, "SSL_CERT_FILE")
+                }
+                other => (other, "SSL_CERT_FILE"),
+            },
         };
         let tls_insecure_skip_verify = match get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY") {
             Some(v) => parse_bool("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", &v)?,
@@ -1121,6 +1133,19 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
         .unwrap();
         assert_eq!(c.ssl_cert_var, "PREFECT_API_SSL_CERT_FILE");
         assert_eq!(c.ssl_cert_file, Some(PathBuf::from("/etc/prefect-ca.pem")));
+    }
+
+    #[test]
+    fn inherited_ssl_cert_file_that_is_missing_falls_back_to_built_in_roots() {
+        let c = parse(&[("SSL_CERT_FILE", "/nonexistent/ca.pem")]).unwrap();
+        assert_eq!(c.ssl_cert_file, None);
+        assert!(c.warnings.iter().any(|w| w.contains("/nonexistent/ca.pem")));
+        let present = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let c = parse(&[("SSL_CERT_FILE", present)]).unwrap();
+        assert_eq!(c.ssl_cert_file, Some(PathBuf::from(present)));
+        // The Prefect setting names a file on purpose: missing stays an error later.
+        let c = parse(&[("PREFECT_API_SSL_CERT_FILE", "/nonexistent/ca.pem")]).unwrap();
+        assert_eq!(c.ssl_cert_file, Some(PathBuf::from("/nonexistent/ca.pem")));
     }
 
     #[test]

@@ -315,6 +315,8 @@ fn skip_verify_works_and_logs_a_warning() {
 }
 
 #[test]
+/// A missing file named by the machine-wide SSL_CERT_FILE is only a warning (see
+/// config.rs); a file that exists but holds no certificate is always an error.
 fn an_unusable_ca_file_stops_the_start_naming_the_variable() {
     let dir = TempDir::new("issue3-badca");
     let not_pem = dir.path().join("ca.pem");
@@ -323,7 +325,7 @@ fn an_unusable_ca_file_stops_the_start_naming_the_variable() {
     for (var, file) in [
         ("PREFECT_API_SSL_CERT_FILE", &not_pem),
         ("PREFECT_API_SSL_CERT_FILE", &missing),
-        ("SSL_CERT_FILE", &missing),
+        ("SSL_CERT_FILE", &not_pem),
     ] {
         let f = path_str(file);
         let out = run_exporter_once(
