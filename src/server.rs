@@ -166,12 +166,22 @@ fn accept_loop(listener: &TcpListener, metrics: &Arc<Metrics>, registry: &Arc<Re
             }
         };
         let stream = Arc::new(stream);
-        let Some(id) = registry.admit(&stream) else {
-            full.warn(&format!(
-                "connection limit ({}) reached and every connection is busy: refusing one",
-                registry.max
-            ));
-            continue;
+        let id = match registry.admit(&stream) {
+            Admitted::Yes(id) => id,
+            Admitted::AfterEviction(id) => {
+                full.warn(&format!(
+                    "connection limit ({}) reached: closing the longest-idle connections",
+                    registry.max
+                ));
+                id
+            }
+            Admitted::No => {
+                full.warn(&format!(
+                    "connection limit ({}) reached and every connection is busy: refusing one",
+                    registry.max
+                ));
+                continue;
+            }
         };
         let conn = Connection {
             id,
@@ -220,11 +230,12 @@ impl Registry {
     }
 
     /// Registers a new connection, closing the longest-waiting one if the limit
-    /// is reached; `None` when every connection is busy writing an answer.
-    fn admit(&self, stream: &Arc<TcpStream>) -> Option<u64> {
+    /// is reached; refused when every connection is busy writing an answer.
+    fn admit(&self, stream: &Arc<TcpStream>) -> Admitted {
         let mut conns = self.lock();
-        if conns.len() >= self.max && !Self::evict_from(&mut conns) {
-            return None;
+        let full = conns.len() >= self.max;
+        if full && !Self::evict_from(&mut conns) {
+            return Admitted::No;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         conns.insert(
@@ -234,7 +245,11 @@ impl Registry {
                 waiting_since: Some(Instant::now()),
             },
         );
-        Some(id)
+        if full {
+            Admitted::AfterEviction(id)
+        } else {
+            Admitted::Yes(id)
+        }
     }
 
     fn evict_one(&self) -> bool {
@@ -261,6 +276,12 @@ impl Registry {
             e.waiting_since = since;
         }
     }
+}
+
+enum Admitted {
+    Yes(u64),
+    AfterEviction(u64),
+    No,
 }
 
 /// A registered connection; unregisters itself however its thread ends.
@@ -865,10 +886,16 @@ mod tests {
         let (mut c1, s1) = pair();
         let (_c2, s2) = pair();
         let (_c3, s3) = pair();
-        let id1 = r.admit(&s1).unwrap();
-        let id2 = r.admit(&s2).unwrap();
+        let Admitted::Yes(id1) = r.admit(&s1) else {
+            panic!("room for the first")
+        };
+        let Admitted::Yes(id2) = r.admit(&s2) else {
+            panic!("room for the second")
+        };
         r.set_waiting(id2, None); // busy writing: not evictable
-        let id3 = r.admit(&s3).unwrap();
+        let Admitted::AfterEviction(id3) = r.admit(&s3) else {
+            panic!("the third evicts the first")
+        };
         assert_eq!(r.lock().len(), 2);
         // The first one was closed by the server side.
         let mut byte = [0u8; 1];
@@ -876,6 +903,9 @@ mod tests {
         assert!(!r.lock().contains_key(&id1));
         r.set_waiting(id3, None);
         let (_c4, s4) = pair();
-        assert!(r.admit(&s4).is_none(), "all busy: the newcomer is refused");
+        assert!(
+            matches!(r.admit(&s4), Admitted::No),
+            "all busy: the newcomer is refused"
+        );
     }
 }
