@@ -176,3 +176,65 @@ fn self_metrics_on_a_real_server() {
         "promtool check metrics:\n{report}\n{text}"
     );
 }
+
+/// `prefect_server_info` when the version request is slow once: asked again at
+/// the next collection, not an hour later. When the API has no version (Prefect
+/// Cloud answers 404), the series is absent, nothing fails, and the version is
+/// not asked at every collection.
+#[test]
+fn server_version_retried_after_a_timeout_not_after_a_refusal() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use support::{Mode, Response, Stub, StubData};
+
+    let data = StubData::standard();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let (d, a) = (data.clone(), Arc::clone(&asked));
+    let slow_once: support::Handler = Arc::new(move |req: &support::Request| {
+        if req.api_path() == "/admin/version" && a.fetch_add(1, Ordering::SeqCst) == 0 {
+            // Longer than the exporter's 1 s request timeout: a slow server, not
+            // a synchronisation.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        d.answer(req)
+    });
+    let stub = Stub::start(Mode::Handler(slow_once));
+    let url = stub.api_url();
+    let exp = Exporter::spawn(&[
+        ("PREFECT_API_URL", &url),
+        ("PREFECT_API_REQUEST_TIMEOUT", "1"),
+    ]);
+    let m = exp.wait_for(
+        |m| m.get("prefect_server_info{version=\"3.9.1\"}") == Some(&1.0),
+        Duration::from_secs(15),
+    );
+    assert!(asked.load(Ordering::SeqCst) >= 2);
+    assert_eq!(m["prefect_up"], 1.0);
+
+    let no_version: support::Handler = Arc::new(move |req: &support::Request| {
+        if req.api_path() == "/admin/version" {
+            Response::json(404, &serde_json::json!({"detail": "Not Found"}))
+        } else {
+            data.answer(req)
+        }
+    });
+    let cloud = Stub::start(Mode::Handler(no_version));
+    let url = cloud.api_url();
+    let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
+    let m = exp.wait_for(
+        |m| m.get("prefect_exporter_collections_total") >= Some(&4.0),
+        Duration::from_secs(20),
+    );
+    assert_eq!(m["prefect_up"], 1.0, "a missing version is no failure");
+    assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
+    assert!(
+        !m.keys().any(|k| k.starts_with("prefect_server_info")),
+        "{m:?}"
+    );
+    let version_requests = cloud
+        .requests()
+        .iter()
+        .filter(|r| r.api_path() == "/admin/version")
+        .count();
+    assert_eq!(version_requests, 1, "asked once, then hourly");
+}
