@@ -20,9 +20,14 @@ use support::{
 
 const ERRORS: &str = "prefect_exporter_collect_errors_total";
 const UP: &str = "prefect_up";
-/// A scrape is answered from memory; a scrape that waited on Prefect would take
-/// up to the 1 s request timeout.
-const SCRAPE_LIMIT: Duration = Duration::from_millis(500);
+/// A scrape is answered from memory in milliseconds; one that waited on Prefect
+/// would take about the 1 s request timeout, every time. So: the median scrape
+/// of each phase (a fault, a recovery) must be under `PHASE_MEDIAN_LIMIT`, the
+/// median of all under `MEDIAN_LIMIT`, and no scrape may reach `SCRAPE_LIMIT`
+/// (generous: the test machine may be loaded by other work).
+const PHASE_MEDIAN_LIMIT: Duration = Duration::from_millis(500);
+const MEDIAN_LIMIT: Duration = Duration::from_millis(100);
+const SCRAPE_LIMIT: Duration = Duration::from_secs(2);
 /// Time for a fault to show, or for a recovery, with 1 s collections.
 const WAIT: Duration = Duration::from_secs(30);
 const CHECK: &str = "flow-a,flow-b,flow-nope";
@@ -40,16 +45,47 @@ const SEED: [&str; 5] = [
 /// Scrapes an exporter and checks its promises while faults come and go.
 struct Watch<'a> {
     exp: &'a Exporter,
-    slowest: Duration,
-    scrapes: usize,
+    /// Latencies of the scrapes since the last `fault`/`recovered` began.
+    phase: Vec<Duration>,
+    all: Vec<Duration>,
 }
 
 impl<'a> Watch<'a> {
     fn new(exp: &'a Exporter) -> Watch<'a> {
         Watch {
             exp,
-            slowest: Duration::ZERO,
-            scrapes: 0,
+            phase: Vec::new(),
+            all: Vec::new(),
+        }
+    }
+
+    /// Ends a phase: its median scrape must be fast.
+    fn check_phase(&mut self, when: &str) {
+        let mut v = std::mem::take(&mut self.phase);
+        v.sort();
+        if let Some(median) = v.get(v.len() / 2) {
+            assert!(
+                *median < PHASE_MEDIAN_LIMIT,
+                "{when}: median /metrics latency {median:?} over {} scrapes: {v:?}",
+                v.len()
+            );
+        }
+    }
+
+    /// Checks the median of all scrapes and describes them.
+    fn summary(&self) -> String {
+        let mut v = self.all.clone();
+        v.sort();
+        match (v.get(v.len() / 2), v.last()) {
+            (Some(median), Some(max)) => {
+                assert!(
+                    *median < MEDIAN_LIMIT,
+                    "median /metrics latency {median:?} over {} scrapes",
+                    v.len()
+                );
+                format!("{} scrapes, median {median:?}, max {max:?}", v.len())
+            }
+            _ => "no scrapes".into(),
         }
     }
 
@@ -65,8 +101,8 @@ impl<'a> Watch<'a> {
             "{when}: /metrics took {took:?}\nstderr:\n{}",
             self.exp.stderr()
         );
-        self.slowest = self.slowest.max(took);
-        self.scrapes += 1;
+        self.phase.push(took);
+        self.all.push(took);
         support::parse_metrics(&r.body)
     }
 
@@ -106,6 +142,7 @@ impl<'a> Watch<'a> {
             );
         }
         assert_eq!(self.exp.get("/healthz"), (200, "ok\n".into()), "{when}");
+        self.check_phase(when);
     }
 
     /// Waits for a good collection showing exactly `expected`, then /readyz 200.
@@ -118,6 +155,7 @@ impl<'a> Watch<'a> {
             if good {
                 let (status, body) = self.exp.get("/readyz");
                 assert_eq!((status, body.as_str()), (200, "ready\n"), "{when}");
+                self.check_phase(when);
                 return m;
             }
             assert!(
@@ -242,12 +280,12 @@ fn real_server_faults_and_recoveries() {
             (SEED[4], 2.0)
         ]
     );
-    let m = w.recovered("Prefect came up", &expected);
-    let version = api.server_version();
-    assert_eq!(
-        m.get(&format!("prefect_server_info{{version=\"{version}\"}}")),
-        Some(&1.0)
+    w.recovered("Prefect came up", &expected);
+    let version = format!(
+        "prefect_server_info{{version=\"{}\"}}",
+        api.server_version()
     );
+    exp.wait_for(|m| m.get(&version) == Some(&1.0), WAIT);
 
     // Stopped mid-run.
     server.stop();
@@ -319,20 +357,44 @@ fn real_server_faults_and_recoveries() {
     w.recovered("still fine", &expected);
 
     eprintln!(
-        "real server faults: {} scrapes, slowest {:?}",
-        w.scrapes + w404.scrapes,
-        w.slowest.max(w404.slowest)
+        "real server faults: /metrics {}; wrong path: {}",
+        w.summary(),
+        w404.summary()
     );
     let log = exp.stderr();
     if std::env::var_os("SHOW_LOG").is_some() {
         eprintln!("{log}");
     }
-    // One WARN per outage, one INFO per recovery with its duration; failures in
-    // between only at DEBUG (not shown at INFO).
+    // One WARN per outage, one INFO per recovery with its duration and count;
+    // the failures in between only at DEBUG (not shown at INFO). (A collection
+    // slower than its 1 s on a loaded machine is an outage of its own, so more
+    // than the four staged outages may show.)
     let warns = log.matches("[WARN] collection failed").count();
-    let recoveries = log.matches("collection recovered after").count();
-    assert_eq!(warns, 4, "one WARN per outage:\n{log}");
-    assert_eq!(recoveries, 4, "one INFO per recovery:\n{log}");
+    let recoveries: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("[INFO] collection recovered after ").nth(1))
+        .map(|rest| {
+            let n = rest
+                .split_once(" (")
+                .and_then(|(_, n)| n.strip_suffix(" failed collections)"))
+                .unwrap_or_else(|| panic!("recovery line without a count: {rest}"));
+            n.parse().unwrap()
+        })
+        .collect();
+    assert!(warns >= 4, "one WARN per outage, four outages:\n{log}");
+    assert!(
+        warns == recoveries.len() || warns == recoveries.len() + 1,
+        "every outage but a last one still going ends with an INFO line:\n{log}"
+    );
+    let failed: u64 = recoveries.iter().sum();
+    assert!(
+        failed > warns as u64 + 10,
+        "{failed} failed collections should have logged far fewer WARN lines than that:\n{log}"
+    );
+    assert!(
+        !log.contains("still failing"),
+        "repeats are DEBUG only:\n{log}"
+    );
 }
 
 /// A host name that does not resolve (nothing can make it resolve later, so
@@ -370,7 +432,7 @@ fn stub_cycle(fault: Mode, reasons: &[&str]) {
     fresh.add("FAILED", "Failed", 1);
     stub.set_mode(Mode::Good(fresh.clone()));
     w.recovered("after the fault", &fresh.seed_gauges(CHECK_LIST));
-    assert!(w.slowest < SCRAPE_LIMIT);
+    eprintln!("stub fault: /metrics {}", w.summary());
 }
 
 #[test]
