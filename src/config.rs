@@ -14,6 +14,8 @@ pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_INTERVAL_SECS: u64 = 30;
 pub const DEFAULT_MAX_REQUEST_TIMEOUT_SECS: f64 = 60.0;
 pub const DEFAULT_MAX_RETRIES: u32 = 5;
+pub const DEFAULT_LOOKBACK_SECS: u64 = 7 * 86_400;
+pub const DEFAULT_MAX_DEPLOYMENTS: usize = 1000;
 
 /// Every variable the exporter reads, with its default and meaning: the single
 /// source for `--help` and the README table.
@@ -84,6 +86,21 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "empty",
         "comma-separated flow names that must have a deployment",
     ),
+    (
+        "EXPORTER_COLLECTORS",
+        "flow_runs,deployments,work_pools",
+        "comma-separated breakdown groups (the six specified metrics are always collected)",
+    ),
+    (
+        "EXPORTER_LOOKBACK",
+        "7d",
+        "how far back the first collection reads runs that ended (seconds, or with s, m, h or d)",
+    ),
+    (
+        "EXPORTER_MAX_DEPLOYMENTS",
+        "1000",
+        "most deployments that get per-deployment series (the newest created first)",
+    ),
 ];
 
 /// How the exporter proves who it is to Prefect.
@@ -112,8 +129,48 @@ pub struct Config {
     pub interval: Duration,
     pub log_level: LevelFilter,
     pub check_deployments: Vec<String>,
+    pub collectors: Collectors,
+    /// How far back the first collection looks for runs that ended.
+    pub lookback: Duration,
+    /// Cap on the deployments that get per-deployment series.
+    pub max_deployments: usize,
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
+}
+
+/// Which optional collect groups run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Collectors {
+    pub flow_runs: bool,
+    pub deployments: bool,
+    pub work_pools: bool,
+}
+
+impl Default for Collectors {
+    fn default() -> Self {
+        Collectors {
+            flow_runs: true,
+            deployments: true,
+            work_pools: true,
+        }
+    }
+}
+
+impl Collectors {
+    /// The enabled group names, in collection order, for logs.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (on, name) in [
+            (self.flow_runs, "flow_runs"),
+            (self.deployments, "deployments"),
+            (self.work_pools, "work_pools"),
+        ] {
+            if on {
+                out.push(name);
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -294,6 +351,25 @@ impl Config {
             .map(|v| parse_name_list(&v))
             .unwrap_or_default();
 
+        let collectors = match get("EXPORTER_COLLECTORS") {
+            Some(v) => parse_collectors(&v)?,
+            None => Collectors::default(),
+        };
+
+        let lookback = match get("EXPORTER_LOOKBACK") {
+            Some(v) => parse_lookback(&v)?,
+            None => Duration::from_secs(DEFAULT_LOOKBACK_SECS),
+        };
+
+        let max_deployments = match get("EXPORTER_MAX_DEPLOYMENTS") {
+            Some(v) => parse_positive_int(
+                "EXPORTER_MAX_DEPLOYMENTS",
+                &v,
+                "expected a whole number of deployments, at least 1",
+            )? as usize,
+            None => DEFAULT_MAX_DEPLOYMENTS,
+        };
+
         Ok(Config {
             api_url,
             auth,
@@ -308,6 +384,9 @@ impl Config {
             interval,
             log_level,
             check_deployments,
+            collectors,
+            lookback,
+            max_deployments,
             warnings,
         })
     }
@@ -334,7 +413,8 @@ impl fmt::Display for Config {
             f,
             "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
              ca_file={} tls_skip_verify={} csrf={} address={} port={} interval={}s \
-             log_level={} check_deployments=[{}]",
+             log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
+             max_deployments={}",
             self.api_url,
             auth,
             self.request_timeout.as_secs_f64(),
@@ -351,6 +431,9 @@ impl fmt::Display for Config {
             self.interval.as_secs(),
             self.log_level,
             self.check_deployments.join(","),
+            self.collectors.names().join(","),
+            self.lookback.as_secs(),
+            self.max_deployments,
         )
     }
 }
@@ -454,6 +537,62 @@ fn is_header_value(v: &str) -> bool {
     v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
+/// `seed` is accepted (it always runs); an unknown name is an error rather than
+/// a group silently missing from the dashboards.
+fn parse_collectors(v: &str) -> Result<Collectors, ConfigError> {
+    let mut c = Collectors {
+        flow_runs: false,
+        deployments: false,
+        work_pools: false,
+    };
+    for name in parse_name_list(v) {
+        match name.to_ascii_lowercase().as_str() {
+            "flow_runs" => c.flow_runs = true,
+            "deployments" => c.deployments = true,
+            "work_pools" => c.work_pools = true,
+            "seed" => {}
+            _ => {
+                return Err(invalid(
+                    "EXPORTER_COLLECTORS",
+                    v.to_string(),
+                    "expected a comma list of flow_runs, deployments, work_pools",
+                ))
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// Seconds, or a number with a unit: `90`, `90s`, `15m`, `12h`, `7d`.
+fn parse_lookback(v: &str) -> Result<Duration, ConfigError> {
+    let t = v.trim();
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_lowercase()),
+        _ => (t, 's'),
+    };
+    let factor = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => 0,
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .filter(|s| *s >= 1 && *s <= 86_400 * 3650)
+        .map(Duration::from_secs)
+        .ok_or_else(|| {
+            invalid(
+                "EXPORTER_LOOKBACK",
+                v.to_string(),
+                "expected seconds or a number with s, m, h or d (e.g. 7d), from 1s to 3650d",
+            )
+        })
+}
+
 fn parse_headers(
     v: &str,
     warnings: &mut Vec<String>,
@@ -519,6 +658,70 @@ mod tests {
         assert!(c.address.is_none());
         assert_eq!(c.max_retries, 5);
         assert!(c.csrf_enabled);
+        assert_eq!(c.collectors, Collectors::default());
+        assert_eq!(c.lookback, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.max_deployments, 1000);
+    }
+
+    #[test]
+    fn collectors_select_groups_and_reject_unknown_names() {
+        let c = parse(&[("EXPORTER_COLLECTORS", " deployments, seed ,")]).unwrap();
+        assert_eq!(
+            c.collectors,
+            Collectors {
+                flow_runs: false,
+                deployments: true,
+                work_pools: false
+            }
+        );
+        assert_eq!(c.collectors.names(), vec!["deployments"]);
+        let c = parse(&[("EXPORTER_COLLECTORS", "seed")]).unwrap();
+        assert!(c.collectors.names().is_empty());
+        let c = parse(&[("EXPORTER_COLLECTORS", "work_pools,flow_runs,deployments")]).unwrap();
+        assert_eq!(c.collectors, Collectors::default());
+        for v in ["flowruns", "flow_runs,pools", "all"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_COLLECTORS", v)]),
+                "EXPORTER_COLLECTORS"
+            );
+        }
+    }
+
+    #[test]
+    fn lookback_takes_seconds_or_a_unit() {
+        for (v, secs) in [
+            ("3600", 3600),
+            ("90s", 90),
+            ("15m", 900),
+            ("12h", 43_200),
+            ("7d", 604_800),
+            (" 2D ", 172_800),
+        ] {
+            assert_eq!(
+                parse(&[("EXPORTER_LOOKBACK", v)]).unwrap().lookback,
+                Duration::from_secs(secs),
+                "{v}"
+            );
+        }
+        for v in ["0", "-1d", "1w", "d", "1.5h", "99999d"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_LOOKBACK", v)]),
+                "EXPORTER_LOOKBACK",
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_deployments_is_a_positive_count() {
+        let c = parse(&[("EXPORTER_MAX_DEPLOYMENTS", "25")]).unwrap();
+        assert_eq!(c.max_deployments, 25);
+        for v in ["0", "-5", "many"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_MAX_DEPLOYMENTS", v)]),
+                "EXPORTER_MAX_DEPLOYMENTS"
+            );
+        }
     }
 
     #[test]

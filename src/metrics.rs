@@ -10,7 +10,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::snapshot::Snapshot;
+use crate::snapshot::{DeploymentsPart, Snapshot, StateCount, WorkPoolsPart, TRACKED_END_STATES};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -49,6 +49,158 @@ struct Series {
     server_info: IntGaugeVec,
     collector_success: IntGaugeVec,
     collector_duration: GaugeVec,
+    breakdowns: Breakdowns,
+}
+
+/// The series of the optional groups (issue 5). Vectors without children are
+/// not rendered, so a group's series appear with its first success; the
+/// label-less ones are vectors with no labels for the same reason.
+struct Breakdowns {
+    flow_runs: IntGaugeVec,
+    flows: IntGaugeVec,
+    deployments: IntGaugeVec,
+    work_pools: IntGaugeVec,
+    deployment_info: IntGaugeVec,
+    deployment_last_run: GaugeVec,
+    deployment_late: IntGaugeVec,
+    work_pool_info: IntGaugeVec,
+    work_pool_workers: IntGaugeVec,
+    work_pool_heartbeat_age: GaugeVec,
+}
+
+impl Breakdowns {
+    fn new(registry: &Registry) -> Breakdowns {
+        let int_vec = |name: &str, help: &str, labels: &[&str]| {
+            let v =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            register(registry, &v);
+            v
+        };
+        let float_vec = |name: &str, help: &str, labels: &[&str]| {
+            let v = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            register(registry, &v);
+            v
+        };
+        Breakdowns {
+            flow_runs: int_vec(
+                "prefect_flow_runs",
+                "Flow runs per state type and state name (custom names included).",
+                &["state_type", "state_name"],
+            ),
+            flows: int_vec("prefect_flows", "Flows known to Prefect.", &[]),
+            deployments: int_vec("prefect_deployments", "Deployments known to Prefect.", &[]),
+            work_pools: int_vec("prefect_work_pools", "Work pools known to Prefect.", &[]),
+            deployment_info: int_vec(
+                "prefect_deployment_info",
+                "One series per deployment (at most EXPORTER_MAX_DEPLOYMENTS); always 1.",
+                &["deployment", "flow", "work_pool", "paused", "status"],
+            ),
+            deployment_last_run: float_vec(
+                "prefect_deployment_last_run_timestamp_seconds",
+                "Unix time at which the newest run of the deployment ended in this state type.",
+                &["deployment", "flow", "state_type"],
+            ),
+            deployment_late: int_vec(
+                "prefect_deployment_late_flow_runs",
+                "Flow runs of the deployment in the state Late.",
+                &["deployment", "flow"],
+            ),
+            work_pool_info: int_vec(
+                "prefect_work_pool_info",
+                "One series per work pool; always 1.",
+                &["work_pool", "type", "status", "paused"],
+            ),
+            work_pool_workers: int_vec(
+                "prefect_work_pool_workers",
+                "Workers of the work pool per status (ONLINE, OFFLINE).",
+                &["work_pool", "status"],
+            ),
+            work_pool_heartbeat_age: float_vec(
+                "prefect_work_pool_last_heartbeat_age_seconds",
+                "Seconds from the newest worker heartbeat of the pool to the last collection.",
+                &["work_pool"],
+            ),
+        }
+    }
+
+    /// Each apply replaces the group's series whole, so a state, deployment or
+    /// pool that is gone loses its series in the same collection.
+    fn apply_flow_runs(&self, counts: &[StateCount]) {
+        self.flow_runs.reset();
+        for c in counts {
+            self.flow_runs
+                .with_label_values(&[&c.state_type, &c.state_name])
+                .set(clamp(c.count));
+        }
+    }
+
+    fn apply_deployments(&self, part: &DeploymentsPart) {
+        self.flows.reset();
+        self.flows
+            .with_label_values(&[] as &[&str])
+            .set(clamp(part.flows));
+        self.deployments.reset();
+        self.deployments
+            .with_label_values(&[] as &[&str])
+            .set(clamp(part.deployments));
+        self.deployment_info.reset();
+        self.deployment_last_run.reset();
+        self.deployment_late.reset();
+        for d in &part.items {
+            self.deployment_info
+                .with_label_values(&[
+                    &d.name,
+                    &d.flow,
+                    &d.work_pool,
+                    bool_label(d.paused),
+                    &d.status,
+                ])
+                .set(1);
+            for (state_type, at) in TRACKED_END_STATES.iter().zip(d.last_run) {
+                if let Some(at) = at {
+                    self.deployment_last_run
+                        .with_label_values(&[d.name.as_str(), d.flow.as_str(), state_type])
+                        .set(at);
+                }
+            }
+            self.deployment_late
+                .with_label_values(&[&d.name, &d.flow])
+                .set(clamp(d.late_runs));
+        }
+    }
+
+    fn apply_work_pools(&self, part: &WorkPoolsPart) {
+        self.work_pools.reset();
+        self.work_pools
+            .with_label_values(&[] as &[&str])
+            .set(clamp(part.count));
+        self.work_pool_info.reset();
+        self.work_pool_workers.reset();
+        self.work_pool_heartbeat_age.reset();
+        for p in &part.pools {
+            self.work_pool_info
+                .with_label_values(&[&p.name, &p.pool_type, &p.status, bool_label(p.paused)])
+                .set(1);
+            for (status, n) in &p.workers {
+                self.work_pool_workers
+                    .with_label_values(&[&p.name, status])
+                    .set(clamp(*n));
+            }
+            if let Some(age) = p.last_heartbeat_age {
+                self.work_pool_heartbeat_age
+                    .with_label_values(&[&p.name])
+                    .set(age);
+            }
+        }
+    }
+}
+
+fn bool_label(b: bool) -> &'static str {
+    if b {
+        "true"
+    } else {
+        "false"
+    }
 }
 
 // Metric definitions are static and valid: a failure here is a programming error
@@ -135,6 +287,7 @@ impl Metrics {
                 &["collector"],
             )
             .expect("valid metric definition"),
+            breakdowns: Breakdowns::new(&registry),
         };
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -221,6 +374,16 @@ impl Metrics {
                 inner.seed_registered = true;
             }
         }
+        let b = &inner.series.breakdowns;
+        if let Some(counts) = &snap.flow_runs {
+            b.apply_flow_runs(counts);
+        }
+        if let Some(part) = &snap.deployments {
+            b.apply_deployments(part);
+        }
+        if let Some(part) = &snap.work_pools {
+            b.apply_work_pools(part);
+        }
         inner.readiness = match (ok, snap.first_error()) {
             (true, _) => Readiness::Ready,
             (false, Some(e)) => Readiness::NotReady(format!("last collection failed: {e}")),
@@ -269,6 +432,7 @@ fn clamp(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::{DeploymentsPart, StateCount, WorkPoolsPart};
     use crate::snapshot::{GroupOutcome, SeedCounts};
     use std::time::{Duration, SystemTime};
 
@@ -284,6 +448,9 @@ mod tests {
                 },
             }],
             seed,
+            flow_runs: None,
+            deployments: None,
+            work_pools: None,
             server_version: Some("3.9.1".into()),
             duration: Duration::from_millis(15),
             finished: SystemTime::now(),
@@ -380,5 +547,202 @@ mod tests {
             assert!(t.contains(&format!("# HELP {g} ")), "{g}");
         }
         assert!(t.contains("prefect_exporter_build_info{revision="));
+    }
+
+    fn part(names: &[&str]) -> DeploymentsPart {
+        use crate::snapshot::DeploymentSeries;
+        DeploymentsPart {
+            flows: 3,
+            deployments: names.len() as u64,
+            items: names
+                .iter()
+                .map(|n| DeploymentSeries {
+                    name: n.to_string(),
+                    flow: "etl".into(),
+                    work_pool: String::new(),
+                    paused: false,
+                    status: "READY".into(),
+                    last_run: [Some(1_700_000_000.5), None, Some(1_600_000_000.0)],
+                    late_runs: 4,
+                })
+                .collect(),
+        }
+    }
+
+    fn breakdown_snap(
+        flow_runs: Option<Vec<StateCount>>,
+        deployments: Option<DeploymentsPart>,
+        work_pools: Option<WorkPoolsPart>,
+    ) -> Snapshot {
+        let mut s = snap(Some(COUNTS));
+        for (name, ok) in [
+            ("flow_runs", flow_runs.is_some()),
+            ("deployments", deployments.is_some()),
+            ("work_pools", work_pools.is_some()),
+        ] {
+            s.groups.push(GroupOutcome {
+                name,
+                duration: Duration::from_millis(1),
+                error: (!ok).then(|| "HTTP 500".to_string()),
+            });
+        }
+        s.flow_runs = flow_runs;
+        s.deployments = deployments;
+        s.work_pools = work_pools;
+        s
+    }
+
+    fn count(t: &str, n: &str, c: u64) -> StateCount {
+        StateCount {
+            state_type: t.into(),
+            state_name: n.into(),
+            count: c,
+        }
+    }
+
+    #[test]
+    fn breakdowns_are_absent_until_their_group_succeeds() {
+        let m = Metrics::new();
+        m.update(&snap(Some(COUNTS)));
+        let t = text(&m);
+        for name in [
+            "prefect_flow_runs{",
+            "prefect_flows ",
+            "prefect_deployments ",
+            "prefect_work_pools ",
+            "prefect_deployment_info",
+            "prefect_work_pool_info",
+        ] {
+            assert!(!t.contains(name), "{name} shown before its group ran");
+        }
+    }
+
+    #[test]
+    fn breakdowns_are_replaced_whole_and_kept_when_a_group_fails() {
+        use crate::snapshot::WorkPoolSeries;
+        let m = Metrics::new();
+        let pools = WorkPoolsPart {
+            count: 1,
+            pools: vec![WorkPoolSeries {
+                name: "pool-a".into(),
+                pool_type: "process".into(),
+                status: "READY".into(),
+                paused: true,
+                workers: vec![("OFFLINE".into(), 0), ("ONLINE".into(), 1)],
+                last_heartbeat_age: Some(2.5),
+            }],
+        };
+        m.update(&breakdown_snap(
+            Some(vec![
+                count("FAILED", "MyCustomFail", 2),
+                count("COMPLETED", "Completed", 5),
+            ]),
+            Some(part(&["daily", "hourly"])),
+            Some(pools.clone()),
+        ));
+        let t = text(&m);
+        assert_eq!(
+            value(
+                &t,
+                "prefect_flow_runs{state_name=\"MyCustomFail\",state_type=\"FAILED\"}"
+            ),
+            Some(2.0)
+        );
+        assert_eq!(value(&t, "prefect_flows"), Some(3.0));
+        assert_eq!(value(&t, "prefect_deployments"), Some(2.0));
+        assert_eq!(value(&t, "prefect_work_pools"), Some(1.0));
+        assert_eq!(
+            value(
+                &t,
+                "prefect_deployment_info{deployment=\"daily\",flow=\"etl\",paused=\"false\",status=\"READY\",work_pool=\"\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "prefect_deployment_last_run_timestamp_seconds{deployment=\"daily\",flow=\"etl\",state_type=\"COMPLETED\"}"
+            ),
+            Some(1_700_000_000.5)
+        );
+        assert!(
+            !t.contains("flow=\"etl\",state_type=\"FAILED\"}"),
+            "no FAILED time known"
+        );
+        assert_eq!(
+            value(
+                &t,
+                "prefect_deployment_late_flow_runs{deployment=\"hourly\",flow=\"etl\"}"
+            ),
+            Some(4.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "prefect_work_pool_info{paused=\"true\",status=\"READY\",type=\"process\",work_pool=\"pool-a\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "prefect_work_pool_workers{status=\"ONLINE\",work_pool=\"pool-a\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "prefect_work_pool_last_heartbeat_age_seconds{work_pool=\"pool-a\"}"
+            ),
+            Some(2.5)
+        );
+
+        // flow_runs and work_pools fail: their series keep their values; the
+        // deployments group succeeds without "hourly", whose series go.
+        m.update(&breakdown_snap(None, Some(part(&["daily"])), None));
+        let t = text(&m);
+        assert_eq!(
+            value(
+                &t,
+                "prefect_flow_runs{state_name=\"Completed\",state_type=\"COMPLETED\"}"
+            ),
+            Some(5.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "prefect_work_pool_workers{status=\"ONLINE\",work_pool=\"pool-a\"}"
+            ),
+            Some(1.0)
+        );
+        assert!(!t.contains("hourly"), "{t}");
+        assert!(t.contains("deployment=\"daily\""));
+        assert_eq!(
+            value(
+                &t,
+                "prefect_exporter_collector_success{collector=\"flow_runs\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "prefect_exporter_collector_success{collector=\"deployments\"}"
+            ),
+            Some(1.0)
+        );
+
+        // A state that empties disappears instead of keeping a stale count.
+        m.update(&breakdown_snap(
+            Some(vec![count("COMPLETED", "Completed", 6)]),
+            Some(part(&[])),
+            Some(WorkPoolsPart::default()),
+        ));
+        let t = text(&m);
+        assert!(!t.contains("MyCustomFail"));
+        assert!(!t.contains("pool-a"));
+        assert!(!t.contains("prefect_deployment_info{"));
+        assert_eq!(value(&t, "prefect_deployments"), Some(0.0));
     }
 }

@@ -14,6 +14,60 @@ pub struct SeedCounts {
     pub missing_deployments: u64,
 }
 
+/// Flow runs of one (state type, state name) pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateCount {
+    pub state_type: String,
+    pub state_name: String,
+    pub count: u64,
+}
+
+/// The state types whose newest run per deployment is tracked.
+pub const TRACKED_END_STATES: [&str; 3] = ["COMPLETED", "FAILED", "CRASHED"];
+
+/// One deployment, labelled by its name and its flow's name (a deployment name
+/// alone is only unique within its flow).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentSeries {
+    pub name: String,
+    pub flow: String,
+    /// Empty when the deployment has no work pool.
+    pub work_pool: String,
+    pub paused: bool,
+    pub status: String,
+    /// Unix time of the newest run that ended in each of `TRACKED_END_STATES`,
+    /// in that order; `None` when none is known.
+    pub last_run: [Option<f64>; 3],
+    pub late_runs: u64,
+}
+
+/// The deployments group: inventory counts and per-deployment series.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeploymentsPart {
+    pub flows: u64,
+    pub deployments: u64,
+    /// At most EXPORTER_MAX_DEPLOYMENTS entries.
+    pub items: Vec<DeploymentSeries>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkPoolSeries {
+    pub name: String,
+    pub pool_type: String,
+    pub status: String,
+    pub paused: bool,
+    /// Workers per status; ONLINE and OFFLINE are always present.
+    pub workers: Vec<(String, u64)>,
+    /// Seconds since the newest worker heartbeat, when a worker ever beat.
+    pub last_heartbeat_age: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WorkPoolsPart {
+    pub count: u64,
+    pub pools: Vec<WorkPoolSeries>,
+}
+
 /// How one collect group fared in this collection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupOutcome {
@@ -27,6 +81,10 @@ pub struct GroupOutcome {
 pub struct Snapshot {
     /// `None` when the group failed: its series keep their last good values.
     pub seed: Option<SeedCounts>,
+    /// The optional groups: `None` when the group failed or is turned off.
+    pub flow_runs: Option<Vec<StateCount>>,
+    pub deployments: Option<DeploymentsPart>,
+    pub work_pools: Option<WorkPoolsPart>,
     /// Prefect's own version, when the server tells it.
     pub server_version: Option<String>,
     pub groups: Vec<GroupOutcome>,

@@ -52,6 +52,9 @@ fn bad_values(not_pem: &str) -> Vec<(&'static str, String)> {
         ("PREFECT_API_SSL_CERT_FILE", &["/nonexistent"]),
         ("PREFECT_API_AUTH_STRING", &["no-colon-secret"]),
         ("PREFECT_API_KEY", &["key-secret\u{e9}"]),
+        ("EXPORTER_COLLECTORS", &["flow_runs,bogus", "everything"]),
+        ("EXPORTER_LOOKBACK", &["0", "7w", "-1d", "soon"]),
+        ("EXPORTER_MAX_DEPLOYMENTS", &["0", "-5", "many"]),
     ];
     let mut out: Vec<(&'static str, String)> = table
         .iter()
@@ -168,6 +171,9 @@ fn good_configurations_start() {
             ("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "no"),
             ("PREFECT_CLIENT_CUSTOM_HEADERS", "{\"X-Team\": \"data\"}"),
             ("EXPORTER_CHECK_DEPLOYMENTS", " flow-a, ,flow-b,flow-a"),
+            ("EXPORTER_COLLECTORS", "flow_runs, work_pools"),
+            ("EXPORTER_LOOKBACK", "12h"),
+            ("EXPORTER_MAX_DEPLOYMENTS", "25"),
             ("LOG_LEVEL", "DEBUG"),
         ],
         vec![
@@ -176,6 +182,8 @@ fn good_configurations_start() {
             ("PREFECT_CLIENT_CUSTOM_HEADERS", "{}"),
             ("LOG_LEVEL", "trace"),
             ("EXPORTER_INTERVAL", "86400"),
+            ("EXPORTER_COLLECTORS", "seed"),
+            ("EXPORTER_LOOKBACK", "90"),
         ],
         // Blank values count as unset.
         vec![

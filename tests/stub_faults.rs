@@ -159,6 +159,8 @@ fn requests_per_collection_are_constant() {
             ("PREFECT_API_URL", &url),
             ("EXPORTER_CHECK_DEPLOYMENTS", check),
             ("EXPORTER_INTERVAL", "2"),
+            // The seed group's cost; the breakdown groups' is tests/request_cost.rs'.
+            ("EXPORTER_COLLECTORS", "seed"),
         ]);
         let n0 = exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 1.0), WAIT)[COLLECTIONS];
         let r0 = stub.request_count();

@@ -1,7 +1,11 @@
 //! One collection: every group asks Prefect for its part, each succeeding or
 //! failing on its own, and the result is one `Snapshot`.
 
+pub mod deployments;
+pub mod flow_runs;
+mod rfc3339;
 pub mod seed;
+pub mod work_pools;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +24,23 @@ pub struct State {
     server_version: Option<String>,
     version_checked: Option<Instant>,
     last_failed: bool,
+    deployments: deployments::State,
+}
+
+/// Runs one group, timed, and records how it fared.
+fn run_group<T>(
+    name: &'static str,
+    groups: &mut Vec<GroupOutcome>,
+    f: impl FnOnce() -> Result<T, ApiError>,
+) -> Option<T> {
+    let t = Instant::now();
+    let result = f();
+    groups.push(GroupOutcome {
+        name,
+        duration: t.elapsed(),
+        error: result.as_ref().err().map(ToString::to_string),
+    });
+    result.ok()
 }
 
 pub fn collect_all(
@@ -31,18 +52,14 @@ pub fn collect_all(
     let started = Instant::now();
     let mut groups = Vec::new();
 
-    let t = Instant::now();
-    let seed = seed::collect(client, &config.check_deployments, deadline);
-    groups.push(GroupOutcome {
-        name: "seed",
-        duration: t.elapsed(),
-        error: seed.as_ref().err().map(ToString::to_string),
+    let seed = run_group("seed", &mut groups, || {
+        seed::collect(client, &config.check_deployments, deadline)
     });
 
     let stale = state
         .version_checked
         .is_none_or(|at| at.elapsed() >= VERSION_REFRESH);
-    if seed.is_ok() && (stale || state.last_failed) {
+    if seed.is_some() && (stale || state.last_failed) {
         // Not every deployment answers (Prefect Cloud has no admin API): a missing
         // version is no failure, the series is simply absent.
         match client.get::<String>("/admin/version", deadline) {
@@ -61,8 +78,38 @@ pub fn collect_all(
         }
     }
 
+    let on = config.collectors;
+    let flow_runs = if on.flow_runs {
+        run_group("flow_runs", &mut groups, || {
+            flow_runs::collect(client, deadline)
+        })
+    } else {
+        None
+    };
+    let deployments = if on.deployments {
+        let settings = deployments::Settings {
+            lookback: config.lookback,
+            max_deployments: config.max_deployments,
+        };
+        run_group("deployments", &mut groups, || {
+            deployments::collect(client, &settings, &mut state.deployments, deadline)
+        })
+    } else {
+        None
+    };
+    let work_pools = if on.work_pools {
+        run_group("work_pools", &mut groups, || {
+            work_pools::collect(client, deadline)
+        })
+    } else {
+        None
+    };
+
     let snapshot = Snapshot {
-        seed: seed.ok(),
+        seed,
+        flow_runs,
+        deployments,
+        work_pools,
         server_version: state.server_version.clone(),
         groups,
         duration: started.elapsed(),

@@ -1,0 +1,663 @@
+//! Inventory counts and per-deployment series: `prefect_flows`,
+//! `prefect_deployments`, `prefect_deployment_info`,
+//! `prefect_deployment_last_run_timestamp_seconds` and
+//! `prefect_deployment_late_flow_runs`.
+//!
+//! Cost per collection, with N deployments shown (at most
+//! EXPORTER_MAX_DEPLOYMENTS), E runs that ended since the previous collection
+//! (plus the overlap) and L late runs: 2 counts, ceil(N/200) listing pages,
+//! ceil(new flows/200) flow lookups (0 once the flows are known), max(1,
+//! ceil(E/200)) ended-run pages (at most `MAX_PAGES`, the rest at the next
+//! collection), and for the late runs 1 request when L < 200, else the cheaper
+//! of paging them all (ceil(L/200) + 1) and one count per deployment (N + 2).
+//! Nothing here grows with the run history: the last-run times are kept between
+//! collections and only runs that ended since are asked for.
+//!
+//! The incremental scheme for the last-run times is a series of passes over
+//! the runs of a deployment in COMPLETED, FAILED or CRASHED whose `end_time` is
+//! at or after a lower bound, newest first, 200 per page:
+//! - The first pass starts EXPORTER_LOOKBACK before the first collection.
+//! - Each later pass starts at `min(start of the previous pass - OVERLAP,
+//!   newest end time seen)`. Prefect stamps `end_time` with its own clock when
+//!   a run enters a final state, so the runs that finished since the previous
+//!   pass are exactly those with a newer end time; Prefect has no filter on a
+//!   run's `updated` time, and none is needed. OVERLAP covers a transaction that
+//!   commits after a later one was read and a small clock difference between
+//!   the exporter and Prefect; the newest end time seen covers an exporter clock
+//!   running ahead of Prefect's. Once nothing has ended for OVERLAP, a pass is
+//!   one request answered with the newest run alone.
+//! - A pass reads at most `MAX_PAGES` pages and half of the time left in a
+//!   collection; a longer one (a long first pass, a burst of runs ending) goes
+//!   on at the next collection from where it stopped, and so does one cut by a
+//!   failed request, so a slow server never makes it start over. Newest first
+//!   means the first run seen per (deployment, state type) is the newest one:
+//!   a pass cut short only shows true values, some of them not yet updated.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::rfc3339;
+use crate::prefect::{ApiError, Client};
+use crate::snapshot::{DeploymentSeries, DeploymentsPart, TRACKED_END_STATES};
+
+/// Prefect refuses list requests with a larger limit (422).
+const PAGE: usize = 200;
+/// How far before the previous collection's start runs are asked for again.
+pub const OVERLAP: Duration = Duration::from_secs(30);
+/// Pages a pass may read per collection (10,000 runs), so that a long history
+/// is read over a few collections instead of failing the first one.
+pub const MAX_PAGES: usize = 50;
+const LATE: &str = "Late";
+
+/// What this group remembers between collections.
+#[derive(Default)]
+pub struct State {
+    /// Flow id -> flow name: names never change, so each flow is looked up once.
+    flow_names: HashMap<String, String>,
+    last_runs: LastRuns,
+    /// The pass over ended runs in progress, if one was cut short.
+    pass: Option<Pass>,
+    /// Exporter time at the start of the last pass that was read to its end.
+    cursor: Option<f64>,
+    cap_warned: bool,
+}
+
+/// One look at the runs that ended at or after `after`, newest first.
+struct Pass {
+    after: f64,
+    offset: usize,
+    /// Exporter time when the pass began.
+    started: f64,
+}
+
+/// Newest end time per deployment id and tracked state type, and the newest
+/// end time seen at all.
+#[derive(Default, Debug, PartialEq)]
+struct LastRuns {
+    by_deployment: HashMap<String, [Option<f64>; 3]>,
+    newest: Option<f64>,
+}
+
+impl LastRuns {
+    fn apply(&mut self, runs: &[EndedRun]) {
+        for run in runs {
+            let (Some(dep), Some(end)) = (&run.deployment_id, run.end_time.as_deref()) else {
+                continue;
+            };
+            let Some(end) = rfc3339::parse(end) else {
+                log::debug!("flow run {}: unreadable end_time {end:?}", run.id);
+                continue;
+            };
+            let Some(slot) = TRACKED_END_STATES.iter().position(|t| *t == run.state_type) else {
+                continue;
+            };
+            let entry = self.by_deployment.entry(dep.clone()).or_default();
+            if entry[slot].is_none_or(|t| end > t) {
+                entry[slot] = Some(end);
+            }
+            if self.newest.is_none_or(|t| end > t) {
+                self.newest = Some(end);
+            }
+        }
+    }
+
+    /// Lower bound of the next incremental request.
+    fn lower_bound(&self, cursor: f64) -> f64 {
+        let by_clock = cursor - OVERLAP.as_secs_f64();
+        match self.newest {
+            Some(n) => by_clock.min(n),
+            None => by_clock,
+        }
+    }
+}
+
+// ---- request bodies ----
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct Page<F> {
+    #[serde(flatten)]
+    filter: F,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sort: Option<&'static str>,
+    limit: usize,
+    offset: usize,
+}
+
+#[derive(Serialize)]
+struct NoFilter {}
+
+#[derive(Serialize)]
+struct FlowsById<'a> {
+    flows: IdFilter<'a>,
+}
+
+#[derive(Serialize)]
+struct IdFilter<'a> {
+    id: AnyOf<'a>,
+}
+
+#[derive(Serialize)]
+struct AnyOf<'a> {
+    any_: &'a [&'a str],
+}
+
+#[derive(Serialize)]
+struct RunsFilter<'a> {
+    flow_runs: RunFilter<'a>,
+}
+
+#[derive(Serialize)]
+struct RunFilter<'a> {
+    state: StateFilter<'a>,
+    deployment_id: DeploymentIdFilter<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_time: Option<After>,
+}
+
+#[derive(Serialize)]
+struct StateFilter<'a> {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    state_type: Option<AnyOf<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<AnyOf<'a>>,
+}
+
+#[derive(Serialize)]
+struct DeploymentIdFilter<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    any_: Option<&'a [&'a str]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_null_: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct After {
+    after_: String,
+}
+
+// ---- answers (only the fields used) ----
+
+#[derive(Deserialize)]
+struct Deployment {
+    id: String,
+    name: String,
+    flow_id: String,
+    #[serde(default)]
+    paused: bool,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    work_pool_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Flow {
+    id: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct EndedRun {
+    id: String,
+    deployment_id: Option<String>,
+    state_type: String,
+    end_time: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LateRun {
+    deployment_id: Option<String>,
+}
+
+pub struct Settings {
+    pub lookback: Duration,
+    pub max_deployments: usize,
+}
+
+pub fn collect(
+    client: &mut Client,
+    settings: &Settings,
+    state: &mut State,
+    deadline: Instant,
+) -> Result<DeploymentsPart, ApiError> {
+    let flows: u64 = client.post("/flows/count", &Empty {}, deadline)?;
+    let total: u64 = client.post("/deployments/count", &Empty {}, deadline)?;
+    let capped = total > settings.max_deployments as u64;
+    if capped && !state.cap_warned {
+        log::warn!(
+            "{total} deployments: per-deployment series are limited to the {} newest \
+             (EXPORTER_MAX_DEPLOYMENTS)",
+            settings.max_deployments
+        );
+        state.cap_warned = true;
+    }
+    let wanted = (total as usize).min(settings.max_deployments);
+    let listed = list_deployments(client, wanted, deadline)?;
+    resolve_flow_names(client, &listed, &mut state.flow_names, deadline)?;
+    let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
+    let late = late_runs(client, &ids, deadline)?;
+    // Last: it may use the time that is left.
+    update_last_runs(client, settings.lookback, state, deadline)?;
+
+    let items = build_items(&listed, &state.flow_names, &state.last_runs, &late);
+    // Forget what belongs to deleted deployments. When the cap cuts, a
+    // deployment that is not listed may still exist: keep its times.
+    let listed_ids: HashSet<&str> = ids.iter().copied().collect();
+    if !capped {
+        state
+            .last_runs
+            .by_deployment
+            .retain(|id, _| listed_ids.contains(id.as_str()));
+    }
+    let flow_ids: HashSet<&str> = listed.iter().map(|d| d.flow_id.as_str()).collect();
+    state
+        .flow_names
+        .retain(|id, _| flow_ids.contains(id.as_str()));
+    Ok(DeploymentsPart {
+        flows,
+        deployments: total,
+        items,
+    })
+}
+
+/// The newest `wanted` deployments, 200 per request, each once.
+fn list_deployments(
+    client: &mut Client,
+    wanted: usize,
+    deadline: Instant,
+) -> Result<Vec<Deployment>, ApiError> {
+    let mut out: Vec<Deployment> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut offset = 0;
+    while offset < wanted {
+        let limit = PAGE.min(wanted - offset);
+        let body = Page {
+            filter: NoFilter {},
+            // Creation times are unique in practice, so pages neither overlap
+            // nor skip; a deployment created while paging only shifts the
+            // others later (and is deduplicated by id).
+            sort: Some("CREATED_DESC"),
+            limit,
+            offset,
+        };
+        let page: Vec<Deployment> = client.post("/deployments/filter", &body, deadline)?;
+        let short = page.len() < limit;
+        offset += limit;
+        out.extend(page.into_iter().filter(|d| seen.insert(d.id.clone())));
+        if short {
+            break;
+        }
+    }
+    out.truncate(wanted);
+    Ok(out)
+}
+
+/// Looks up the names of flows not seen before, 200 ids per request.
+fn resolve_flow_names(
+    client: &mut Client,
+    listed: &[Deployment],
+    names: &mut HashMap<String, String>,
+    deadline: Instant,
+) -> Result<(), ApiError> {
+    let mut unknown: Vec<&str> = listed
+        .iter()
+        .map(|d| d.flow_id.as_str())
+        .filter(|id| !names.contains_key(*id))
+        .collect();
+    unknown.sort_unstable();
+    unknown.dedup();
+    for chunk in unknown.chunks(PAGE) {
+        let body = Page {
+            filter: FlowsById {
+                flows: IdFilter {
+                    id: AnyOf { any_: chunk },
+                },
+            },
+            sort: None,
+            limit: PAGE,
+            offset: 0,
+        };
+        let flows: Vec<Flow> = client.post("/flows/filter", &body, deadline)?;
+        names.extend(flows.into_iter().map(|f| (f.id, f.name)));
+    }
+    Ok(())
+}
+
+fn ended_runs_body(after: f64, offset: usize) -> Page<RunsFilter<'static>> {
+    Page {
+        filter: RunsFilter {
+            flow_runs: RunFilter {
+                state: StateFilter {
+                    state_type: Some(AnyOf {
+                        any_: &TRACKED_END_STATES,
+                    }),
+                    name: None,
+                },
+                deployment_id: DeploymentIdFilter {
+                    any_: None,
+                    is_null_: Some(false),
+                },
+                end_time: Some(After {
+                    after_: rfc3339::format(after),
+                }),
+            },
+        },
+        sort: Some("END_TIME_DESC"),
+        limit: PAGE,
+        offset,
+    }
+}
+
+fn update_last_runs(
+    client: &mut Client,
+    lookback: Duration,
+    state: &mut State,
+    deadline: Instant,
+) -> Result<(), ApiError> {
+    let started_at = Instant::now();
+    // Leave time for the groups after this one.
+    let soft_deadline = started_at + deadline.saturating_duration_since(started_at) / 2;
+    let pass = match state.pass.take() {
+        Some(p) => p,
+        None => {
+            let now = rfc3339::now();
+            let after = match state.cursor {
+                Some(cursor) => state.last_runs.lower_bound(cursor),
+                None => now - lookback.as_secs_f64(),
+            };
+            Pass {
+                after,
+                offset: 0,
+                started: now,
+            }
+        }
+    };
+    let pass = state.pass.insert(pass);
+    for i in 0..MAX_PAGES {
+        if i > 0 && Instant::now() >= soft_deadline {
+            log::debug!(
+                "ended runs: pass cut after {} runs, goes on next time",
+                pass.offset
+            );
+            return Ok(());
+        }
+        let page: Vec<EndedRun> = client.post(
+            "/flow_runs/filter",
+            &ended_runs_body(pass.after, pass.offset),
+            deadline,
+        )?;
+        state.last_runs.apply(&page);
+        pass.offset += page.len();
+        if page.len() < PAGE {
+            state.cursor = Some(pass.started);
+            state.pass = None;
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Late runs per deployment id, at the cheapest of: one page when there are
+/// fewer than 200, else paging them all or one count per listed deployment.
+fn late_runs(
+    client: &mut Client,
+    deployment_ids: &[&str],
+    deadline: Instant,
+) -> Result<HashMap<String, u64>, ApiError> {
+    let mut counts = HashMap::new();
+    if deployment_ids.is_empty() {
+        return Ok(counts);
+    }
+    let page = |offset| Page {
+        filter: late_filter(None),
+        sort: Some("ID_DESC"),
+        limit: PAGE,
+        offset,
+    };
+    let first: Vec<LateRun> = client.post("/flow_runs/filter", &page(0), deadline)?;
+    tally_late(&mut counts, &first);
+    if first.len() < PAGE {
+        return Ok(counts);
+    }
+    let total: u64 = client.post("/flow_runs/count", &late_filter(None), deadline)?;
+    let pages_left = (total as usize).div_ceil(PAGE).saturating_sub(1);
+    if pages_left <= deployment_ids.len() {
+        let mut offset = PAGE;
+        loop {
+            let more: Vec<LateRun> = client.post("/flow_runs/filter", &page(offset), deadline)?;
+            tally_late(&mut counts, &more);
+            if more.len() < PAGE {
+                break;
+            }
+            offset += PAGE;
+        }
+    } else {
+        counts.clear();
+        for id in deployment_ids {
+            let one = [*id];
+            let n: u64 = client.post("/flow_runs/count", &late_filter(Some(&one)), deadline)?;
+            counts.insert(id.to_string(), n);
+        }
+    }
+    Ok(counts)
+}
+
+fn late_filter<'a>(deployments: Option<&'a [&'a str]>) -> RunsFilter<'a> {
+    RunsFilter {
+        flow_runs: RunFilter {
+            state: StateFilter {
+                state_type: None,
+                name: Some(AnyOf { any_: &[LATE] }),
+            },
+            deployment_id: match deployments {
+                Some(ids) => DeploymentIdFilter {
+                    any_: Some(ids),
+                    is_null_: None,
+                },
+                None => DeploymentIdFilter {
+                    any_: None,
+                    is_null_: Some(false),
+                },
+            },
+            end_time: None,
+        },
+    }
+}
+
+fn tally_late(counts: &mut HashMap<String, u64>, runs: &[LateRun]) {
+    for id in runs.iter().filter_map(|r| r.deployment_id.as_ref()) {
+        *counts.entry(id.clone()).or_insert(0) += 1;
+    }
+}
+
+fn build_items(
+    listed: &[Deployment],
+    flow_names: &HashMap<String, String>,
+    last_runs: &LastRuns,
+    late: &HashMap<String, u64>,
+) -> Vec<DeploymentSeries> {
+    listed
+        .iter()
+        .map(|d| DeploymentSeries {
+            name: d.name.clone(),
+            flow: flow_names.get(&d.flow_id).cloned().unwrap_or_default(),
+            work_pool: d.work_pool_name.clone().unwrap_or_default(),
+            paused: d.paused,
+            status: d.status.clone().unwrap_or_default(),
+            last_run: last_runs
+                .by_deployment
+                .get(&d.id)
+                .copied()
+                .unwrap_or_default(),
+            late_runs: late.get(&d.id).copied().unwrap_or(0),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response<T: serde::de::DeserializeOwned>(sample: &str) -> T {
+        let v: serde_json::Value = serde_json::from_str(sample).unwrap();
+        serde_json::from_value(v["response"].clone()).unwrap()
+    }
+
+    fn run(id: &str, dep: Option<&str>, state_type: &str, end: Option<&str>) -> EndedRun {
+        EndedRun {
+            id: id.into(),
+            deployment_id: dep.map(Into::into),
+            state_type: state_type.into(),
+            end_time: end.map(Into::into),
+        }
+    }
+
+    fn t(s: &str) -> f64 {
+        rfc3339::parse(s).unwrap()
+    }
+
+    #[test]
+    fn recorded_answers_parse() {
+        let deps: Vec<Deployment> = response(include_str!(
+            "../../tests/fixtures/deployments_filter_all.json"
+        ));
+        assert_eq!(deps.len(), 2);
+        assert_eq!(deps[1].name, "daily");
+        assert_eq!(deps[1].work_pool_name.as_deref(), Some("lab-pool"));
+        assert_eq!(deps[1].status.as_deref(), Some("NOT_READY"));
+        let flows: Vec<Flow> = response(include_str!("../../tests/fixtures/flows_filter.json"));
+        let names: HashMap<String, String> = flows.into_iter().map(|f| (f.id, f.name)).collect();
+        let runs: Vec<EndedRun> = response(include_str!(
+            "../../tests/fixtures/flow_runs_filter_limit2.json"
+        ));
+        assert_eq!(runs.len(), 2);
+        let mut last = LastRuns::default();
+        // CANCELLED and PAUSED runs are not tracked.
+        last.apply(&runs);
+        assert_eq!(last, LastRuns::default());
+        let late = HashMap::from([(deps[0].id.clone(), 3)]);
+        let items = build_items(&deps, &names, &last, &late);
+        assert_eq!(items[0].name, "a-deploy");
+        assert_eq!(items[0].flow, "flow-a");
+        assert_eq!(items[1].flow, "etl-daily");
+        assert_eq!(items[0].late_runs, 3);
+        assert_eq!(items[1].late_runs, 0);
+        assert!(!items[0].paused);
+        assert_eq!(items[0].last_run, [None, None, None]);
+    }
+
+    #[test]
+    fn newest_end_time_wins_per_deployment_and_state_type() {
+        let mut last = LastRuns::default();
+        last.apply(&[
+            run("1", Some("d1"), "COMPLETED", Some("2026-11-24T10:00:00Z")),
+            run("2", Some("d1"), "COMPLETED", Some("2026-11-24T12:00:00Z")),
+            run("3", Some("d1"), "FAILED", Some("2026-11-24T11:00:00Z")),
+            run("4", Some("d2"), "CRASHED", Some("2026-11-24T09:00:00Z")),
+            // Ignored: no deployment, no end time, untracked type, bad time.
+            run("5", None, "COMPLETED", Some("2026-11-25T00:00:00Z")),
+            run("6", Some("d2"), "COMPLETED", None),
+            run("7", Some("d2"), "CANCELLED", Some("2026-11-25T00:00:00Z")),
+            run("8", Some("d2"), "FAILED", Some("not a time")),
+        ]);
+        // An older run read later changes nothing.
+        last.apply(&[run(
+            "9",
+            Some("d1"),
+            "COMPLETED",
+            Some("2026-11-24T11:00:00Z"),
+        )]);
+        assert_eq!(
+            last.by_deployment["d1"],
+            [
+                Some(t("2026-11-24T12:00:00Z")),
+                Some(t("2026-11-24T11:00:00Z")),
+                None
+            ]
+        );
+        assert_eq!(
+            last.by_deployment["d2"],
+            [None, None, Some(t("2026-11-24T09:00:00Z"))]
+        );
+        assert_eq!(last.newest, Some(t("2026-11-24T12:00:00Z")));
+    }
+
+    #[test]
+    fn incremental_bound_uses_the_earlier_of_clock_and_newest_seen() {
+        let mut last = LastRuns::default();
+        let cursor = t("2026-11-24T12:00:00Z");
+        // Nothing seen: the exporter's clock minus the overlap.
+        assert_eq!(last.lower_bound(cursor), cursor - 30.0);
+        // Runs ended long ago and nothing since: only runs at or after the
+        // newest one are asked for again, however long ago the burst was.
+        last.newest = Some(t("2026-11-20T00:00:00Z"));
+        assert_eq!(last.lower_bound(cursor), t("2026-11-20T00:00:00Z"));
+        // An exporter clock behind Prefect's never skips anything either.
+        last.newest = Some(cursor + 600.0);
+        assert_eq!(last.lower_bound(cursor), cursor - 30.0);
+    }
+
+    #[test]
+    fn request_bodies_are_the_documented_filters() {
+        let b = serde_json::to_string(&ended_runs_body(t("2026-11-24T12:00:00Z"), 400)).unwrap();
+        assert_eq!(
+            b,
+            r#"{"flow_runs":{"state":{"type":{"any_":["COMPLETED","FAILED","CRASHED"]}},"deployment_id":{"is_null_":false},"end_time":{"after_":"2026-11-24T12:00:00.000000Z"}},"sort":"END_TIME_DESC","limit":200,"offset":400}"#
+        );
+        let late = serde_json::to_string(&late_filter(None)).unwrap();
+        assert_eq!(
+            late,
+            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}},"deployment_id":{"is_null_":false}}}"#
+        );
+        let one = ["abc"];
+        let late = serde_json::to_string(&late_filter(Some(&one))).unwrap();
+        assert_eq!(
+            late,
+            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}},"deployment_id":{"any_":["abc"]}}}"#
+        );
+        let ids = ["f1", "f2"];
+        let flows = serde_json::to_string(&Page {
+            filter: FlowsById {
+                flows: IdFilter {
+                    id: AnyOf { any_: &ids },
+                },
+            },
+            sort: None,
+            limit: PAGE,
+            offset: 0,
+        })
+        .unwrap();
+        assert_eq!(
+            flows,
+            r#"{"flows":{"id":{"any_":["f1","f2"]}},"limit":200,"offset":0}"#
+        );
+        let list = serde_json::to_string(&Page {
+            filter: NoFilter {},
+            sort: Some("CREATED_DESC"),
+            limit: 200,
+            offset: 0,
+        })
+        .unwrap();
+        assert_eq!(list, r#"{"sort":"CREATED_DESC","limit":200,"offset":0}"#);
+        assert_eq!(serde_json::to_string(&Empty {}).unwrap(), "{}");
+    }
+
+    #[test]
+    fn late_runs_are_tallied_per_deployment() {
+        let runs: Vec<LateRun> = serde_json::from_str(
+            r#"[{"deployment_id":"d1","state_name":"Late"},{"deployment_id":"d1"},
+                {"deployment_id":"d2"},{"deployment_id":null}]"#,
+        )
+        .unwrap();
+        let mut counts = HashMap::new();
+        tally_late(&mut counts, &runs);
+        assert_eq!(counts.len(), 2);
+        assert_eq!(counts["d1"], 2);
+        assert_eq!(counts["d2"], 1);
+    }
+}

@@ -1,0 +1,207 @@
+//! Work pools: `prefect_work_pools`, `prefect_work_pool_info`,
+//! `prefect_work_pool_workers{status}` and the age of the newest worker
+//! heartbeat per pool.
+//!
+//! Cost per collection with P pools: 1 count + ceil(P/200) listing pages + one
+//! workers request per pool (200 workers per page; Prefect has no request for
+//! the workers of several pools at once).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::rfc3339;
+use crate::prefect::{ApiError, Client};
+use crate::snapshot::{WorkPoolSeries, WorkPoolsPart};
+
+const PAGE: usize = 200;
+/// Always shown per pool, at 0 when no worker has that status.
+pub const WORKER_STATUSES: &[&str] = &["ONLINE", "OFFLINE"];
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct Page {
+    limit: usize,
+    offset: usize,
+}
+
+#[derive(Deserialize)]
+struct Pool {
+    name: String,
+    #[serde(rename = "type", default)]
+    pool_type: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    is_paused: bool,
+}
+
+#[derive(Deserialize)]
+struct Worker {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    last_heartbeat_time: Option<String>,
+}
+
+pub fn collect(client: &mut Client, deadline: Instant) -> Result<WorkPoolsPart, ApiError> {
+    let count: u64 = client.post("/work_pools/count", &Empty {}, deadline)?;
+    let mut pools: Vec<Pool> = Vec::new();
+    let mut offset = 0;
+    // Pools are listed by name, which is unique: pages neither overlap nor skip.
+    while offset < count as usize {
+        let page: Vec<Pool> = client.post(
+            "/work_pools/filter",
+            &Page {
+                limit: PAGE,
+                offset,
+            },
+            deadline,
+        )?;
+        let short = page.len() < PAGE;
+        pools.extend(page);
+        offset += PAGE;
+        if short {
+            break;
+        }
+    }
+    let mut out = Vec::with_capacity(pools.len());
+    for pool in pools {
+        let workers = list_workers(client, &pool.name, deadline)?;
+        out.push(pool_series(pool, &workers, rfc3339::now()));
+    }
+    Ok(WorkPoolsPart { count, pools: out })
+}
+
+fn list_workers(
+    client: &mut Client,
+    pool: &str,
+    deadline: Instant,
+) -> Result<Vec<Worker>, ApiError> {
+    let path = format!("/work_pools/{}/workers/filter", encode_segment(pool));
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let page: Vec<Worker> = client.post(
+            &path,
+            &Page {
+                limit: PAGE,
+                offset,
+            },
+            deadline,
+        )?;
+        let short = page.len() < PAGE;
+        out.extend(page);
+        if short {
+            return Ok(out);
+        }
+        offset += PAGE;
+    }
+}
+
+fn pool_series(pool: Pool, workers: &[Worker], now: f64) -> WorkPoolSeries {
+    let mut by_status: BTreeMap<String, u64> =
+        WORKER_STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
+    let mut newest: Option<f64> = None;
+    for w in workers {
+        if let Some(s) = &w.status {
+            *by_status.entry(s.clone()).or_insert(0) += 1;
+        }
+        if let Some(t) = w.last_heartbeat_time.as_deref().and_then(rfc3339::parse) {
+            newest = Some(newest.map_or(t, |n| n.max(t)));
+        }
+    }
+    WorkPoolSeries {
+        name: pool.name,
+        pool_type: pool.pool_type.unwrap_or_default(),
+        status: pool.status.unwrap_or_default(),
+        paused: pool.is_paused,
+        workers: by_status.into_iter().collect(),
+        // A heartbeat stamped a little ahead of the exporter's clock is fresh, not negative.
+        last_heartbeat_age: newest.map(|t| (now - t).max(0.0)),
+    }
+}
+
+/// Percent-encodes a path segment: pool names may hold spaces, `?`, `#` or
+/// any Unicode (Prefect only forbids `/ % & > <`).
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workers(json: &str) -> Vec<Worker> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn recorded_pool() -> Pool {
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/work_pools_filter.json"))
+                .unwrap();
+        let mut pools: Vec<Pool> = serde_json::from_value(v["response"].clone()).unwrap();
+        pools.remove(0)
+    }
+
+    #[test]
+    fn pool_without_workers_shows_zero_online() {
+        let s = pool_series(recorded_pool(), &[], 0.0);
+        assert_eq!(s.name, "lab-pool");
+        assert_eq!(s.pool_type, "process");
+        assert_eq!(s.status, "NOT_READY");
+        assert!(!s.paused);
+        assert_eq!(
+            s.workers,
+            vec![("OFFLINE".to_string(), 0), ("ONLINE".to_string(), 0)]
+        );
+        assert_eq!(s.last_heartbeat_age, None);
+    }
+
+    #[test]
+    fn workers_are_counted_per_status_with_the_newest_heartbeat() {
+        let w = workers(
+            r#"[{"name":"w1","status":"ONLINE","last_heartbeat_time":"2026-11-24T21:43:35.708423Z"},
+                {"name":"w2","status":"OFFLINE","last_heartbeat_time":"2026-11-24T20:00:00Z"},
+                {"name":"w3","status":"ONLINE","last_heartbeat_time":null}]"#,
+        );
+        let now = rfc3339::parse("2026-11-24T21:44:35.708423Z").unwrap();
+        let s = pool_series(recorded_pool(), &w, now);
+        assert_eq!(
+            s.workers,
+            vec![("OFFLINE".to_string(), 1), ("ONLINE".to_string(), 2)]
+        );
+        let age = s.last_heartbeat_age.unwrap();
+        assert!((age - 60.0).abs() < 1e-3, "{age}");
+        // A clock a little behind the server's never shows a negative age.
+        let s = pool_series(recorded_pool(), &w, now - 3600.0);
+        assert_eq!(s.last_heartbeat_age, Some(0.0));
+    }
+
+    #[test]
+    fn pool_names_are_encoded_for_the_path() {
+        assert_eq!(encode_segment("lab-pool_1.x~"), "lab-pool_1.x~");
+        assert_eq!(encode_segment("pool é? #x"), "pool%20%C3%A9%3F%20%23x");
+    }
+
+    #[test]
+    fn page_body_is_limit_and_offset() {
+        let b = serde_json::to_string(&Page {
+            limit: 200,
+            offset: 400,
+        })
+        .unwrap();
+        assert_eq!(b, r#"{"limit":200,"offset":400}"#);
+    }
+}

@@ -1,0 +1,532 @@
+//! Issue 5: the requests one steady-state collection costs do not grow with the
+//! run history. A counting pass-through proxy sits between the exporter and a
+//! REAL Prefect server; the per-collection counts (per path) with 100 runs in
+//! history must equal those with 2,000.
+mod support;
+
+#[allow(dead_code)]
+#[path = "../src/collect/rfc3339.rs"]
+mod rfc3339;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{Api, Exporter, Mode, PrefectServer, Response, ServerOptions, Stub, StubData};
+
+type Counts = BTreeMap<String, u64>;
+
+/// A tiny HTTP/1.1 forwarder: one request per client connection (answered with
+/// `connection: close`), forwarded to the upstream, counted as `METHOD /path`
+/// (below /api, without the query).
+struct CountingProxy {
+    port: u16,
+    counts: Arc<Mutex<Counts>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl CountingProxy {
+    fn start(upstream_port: u16) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let counts: Arc<Mutex<Counts>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (Arc::clone(&counts), Arc::clone(&stop));
+        let accept = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let c = Arc::clone(&c);
+                thread::spawn(move || {
+                    if let Err(e) = forward(conn, upstream_port, &c) {
+                        eprintln!("proxy: {e}");
+                    }
+                });
+            }
+        });
+        CountingProxy {
+            port,
+            counts,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api", self.port)
+    }
+
+    fn counts(&self) -> Counts {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn forward(
+    mut client: TcpStream,
+    upstream_port: u16,
+    counts: &Mutex<Counts>,
+) -> Result<(), String> {
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = client.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            // A connection opened and closed without a request (the wake-up).
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default().to_string();
+    let mut length = 0usize;
+    let mut headers = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+        match name.trim().to_ascii_lowercase().as_str() {
+            "content-length" => length = value.trim().parse().unwrap_or(0),
+            "connection" | "keep-alive" => continue,
+            _ => {}
+        }
+        headers.push(line.to_string());
+    }
+    while buf.len() < head_end + length {
+        let n = client.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("client closed mid-body".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let path = target.split('?').next().unwrap_or_default();
+    let path = path.strip_prefix("/api").unwrap_or(path);
+    *counts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(format!("{method} {path}"))
+        .or_insert(0) += 1;
+
+    let mut up = TcpStream::connect(("127.0.0.1", upstream_port)).map_err(|e| e.to_string())?;
+    let mut out = format!("{request_line}\r\n");
+    for h in &headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    up.write_all(out.as_bytes()).map_err(|e| e.to_string())?;
+    up.write_all(&buf[head_end..head_end + length])
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer).map_err(|e| e.to_string())?;
+    // Make sure the client does not keep the connection for a next request.
+    let answer = match find(&answer, b"\r\n\r\n") {
+        Some(i) => {
+            let head = String::from_utf8_lossy(&answer[..i]).to_string();
+            let mut fixed = String::new();
+            for line in head.split("\r\n") {
+                if !line.to_ascii_lowercase().starts_with("connection:") {
+                    fixed.push_str(line);
+                    fixed.push_str("\r\n");
+                }
+            }
+            fixed.push_str("connection: close\r\n\r\n");
+            let mut v = fixed.into_bytes();
+            v.extend_from_slice(&answer[i + 4..]);
+            v
+        }
+        None => answer,
+    };
+    client.write_all(&answer).map_err(|e| e.to_string())?;
+    let _ = client.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+const INTERVAL: &str = "3";
+/// The overlap of the exporter's look at changed runs (deployments::OVERLAP,
+/// 30 s) plus an interval and a margin: after that, a collection's look at
+/// changed runs starts after the newest history run ended.
+const SETTLE: Duration = Duration::from_secs(36);
+const MEASURED: u64 = 3;
+
+fn collections(exp: &Exporter) -> f64 {
+    exp.metrics()
+        .get("prefect_exporter_collections_total")
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Waits until a collection has just been published and returns the number
+/// of collections and of failed ones, and the proxy counts then: the exporter
+/// is idle for most of the interval after it.
+fn counts_after_collection(exp: &Exporter, proxy: &CountingProxy) -> (f64, f64, Counts) {
+    let start = collections(exp);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = exp.metrics();
+        let now = m
+            .get("prefect_exporter_collections_total")
+            .copied()
+            .unwrap_or(0.0);
+        if now > start {
+            let errors = m["prefect_exporter_collect_errors_total"];
+            return (now, errors, proxy.counts());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no collection within 60 s\n{}",
+            exp.stderr()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The requests of the very first collection (the first pass over the runs).
+fn first_collection_counts(exp: &Exporter, proxy: &CountingProxy) -> Counts {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = collections(exp);
+        if n == 1.0 {
+            return proxy.counts();
+        }
+        assert!(n < 1.0, "missed the end of the first collection");
+        assert!(
+            Instant::now() < deadline,
+            "no collection within 60 s\n{}",
+            exp.stderr()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn diff(after: &Counts, before: &Counts) -> Counts {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+/// Requests of `MEASURED` consecutive successful collections, per path, once
+/// runs have been created more than the overlap ago, so that the look at
+/// changed runs finds none. A window with a failed collection (a deadline
+/// missed on a busy machine: the next collection also asks for the server
+/// version) is measured again.
+fn steady_counts(exp: &Exporter, proxy: &CountingProxy, quiet_since: Instant) -> Counts {
+    // A wait on the clock, not a synchronisation: the exporter keeps
+    // collecting meanwhile.
+    while quiet_since.elapsed() < SETTLE {
+        thread::sleep(Duration::from_millis(200));
+    }
+    for _attempt in 0..5 {
+        let (first, errors_before, before) = counts_after_collection(exp, proxy);
+        let (mut n, mut errors_after, mut after) = (first, errors_before, before.clone());
+        while n < first + MEASURED as f64 {
+            (n, errors_after, after) = counts_after_collection(exp, proxy);
+        }
+        assert_eq!(n, first + MEASURED as f64, "missed a collection boundary");
+        if errors_after != errors_before {
+            eprintln!("a collection failed while measuring; measuring again");
+            continue;
+        }
+        return diff(&after, &before)
+            .into_iter()
+            .map(|(k, v)| {
+                assert_eq!(
+                    v % MEASURED,
+                    0,
+                    "{k}: {v} requests in {MEASURED} collections"
+                );
+                (k, v / MEASURED)
+            })
+            .collect();
+    }
+    panic!("collections kept failing\n{}", exp.stderr());
+}
+
+fn history(n: usize, late: usize) -> Vec<(&'static str, &'static str)> {
+    let cycle = [
+        ("COMPLETED", "Completed"),
+        ("COMPLETED", "Completed"),
+        ("FAILED", "Failed"),
+        ("COMPLETED", "Cached"),
+        ("CRASHED", "Crashed"),
+        ("CANCELLED", "Cancelled"),
+    ];
+    let mut v: Vec<_> = (0..n - late).map(|i| cycle[i % cycle.len()]).collect();
+    v.extend((0..late).map(|_| ("SCHEDULED", "Late")));
+    v
+}
+
+fn spawn(proxy: &CountingProxy) -> Exporter {
+    Exporter::spawn(&[
+        ("PREFECT_API_URL", &proxy.api_url()),
+        ("EXPORTER_INTERVAL", INTERVAL),
+    ])
+}
+
+fn add_runs(api: &Api, deployments: &[String], runs: &[(&str, &str)]) {
+    let per = runs.len().div_ceil(deployments.len());
+    for (d, chunk) in deployments.iter().zip(runs.chunks(per)) {
+        api.create_flow_runs_bulk(d, chunk);
+    }
+}
+
+fn total(c: &Counts) -> u64 {
+    c.values().sum()
+}
+
+#[test]
+fn steady_state_requests_do_not_grow_with_history() {
+    support::require_prefect!();
+    let server = PrefectServer::start(ServerOptions::default());
+    let api = server.api();
+    let flow = api.create_flow("etl");
+    api.create_work_pool("pool-a", "process");
+    api.create_work_pool("pool-b", "process");
+    api.worker_heartbeat("pool-a", "worker-1");
+    let deployments: Vec<String> = ["hourly", "daily", "weekly"]
+        .iter()
+        .map(|n| api.create_deployment(&flow, n, Some("pool-a")))
+        .collect();
+
+    // 100 runs in history (3 of them late).
+    add_runs(&api, &deployments, &history(100, 3));
+    let quiet = Instant::now();
+    let proxy_small = CountingProxy::start(server.port());
+    let exp_small = spawn(&proxy_small);
+    let small = steady_counts(&exp_small, &proxy_small, quiet);
+
+    // 1,900 more: 2,000 in history. The running exporter sees them as changes
+    // once; a new exporter primes from all of them.
+    add_runs(&api, &deployments, &history(1900, 0));
+    assert_eq!(api.count_flow_runs(&serde_json::json!({})), 2000);
+    let quiet = Instant::now();
+    let proxy_big = CountingProxy::start(server.port());
+    let exp_big = spawn(&proxy_big);
+    let first_big = first_collection_counts(&exp_big, &proxy_big);
+    let (big_fresh, big_running) = thread::scope(|scope| {
+        let fresh = scope.spawn(|| steady_counts(&exp_big, &proxy_big, quiet));
+        let running = steady_counts(&exp_small, &proxy_small, quiet);
+        (fresh.join().expect("measuring the new exporter"), running)
+    });
+
+    eprintln!(
+        "per steady collection, 100 runs: {} requests {small:?}",
+        total(&small)
+    );
+    eprintln!(
+        "per steady collection, 2,000 runs (new exporter): {} requests {big_fresh:?}",
+        total(&big_fresh)
+    );
+    eprintln!(
+        "per steady collection, 2,000 runs (running exporter): {} requests {big_running:?}",
+        total(&big_running)
+    );
+    eprintln!(
+        "first collection of the new exporter at 2,000 runs: {} requests {first_big:?}",
+        total(&first_big)
+    );
+    assert_eq!(small, big_fresh, "100 vs 2,000 runs, new exporter");
+    assert_eq!(small, big_running, "100 vs 2,000 runs, running exporter");
+    // Sanity: every group was measured.
+    for path in [
+        "POST /flow_runs/count",
+        "POST /flow_runs/history",
+        "POST /flow_runs/filter",
+        "POST /deployments/filter",
+        "POST /work_pools/filter",
+    ] {
+        assert!(small.contains_key(path), "{path} not seen: {small:?}");
+    }
+    // The first pass (new exporter) and the incremental passes (running
+    // exporter) agree on every deployment's last-run times.
+    let last_runs = |exp: &Exporter| -> Vec<(String, f64)> {
+        let mut v: Vec<_> = exp
+            .metrics()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("prefect_deployment_last_run_timestamp_seconds{"))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let fresh = last_runs(&exp_big);
+    assert_eq!(
+        fresh.len(),
+        9,
+        "3 deployments x COMPLETED, FAILED, CRASHED: {fresh:?}"
+    );
+    assert_eq!(fresh, last_runs(&exp_small));
+    let m = exp_big.metrics();
+    assert_eq!(m["prefect_flow_runs_total"], 2000.0);
+    assert_eq!(m["prefect_up"], 1.0, "{}", exp_big.stderr());
+}
+
+/// The passes over ended runs, seen from a stub: a pass cut by a failed page
+/// goes on from that page at the next collection (it never starts over), and
+/// once it is read to its end the next pass asks only for runs that ended at or
+/// after the newest end time seen.
+#[test]
+fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
+    // 450 runs, newest first: runs 449..50 belong to "daily", 49..0 (the last
+    // page) to "weekly"; run i ended i seconds after BASE, in COMPLETED, FAILED
+    // or CRASHED by i % 3.
+    const BASE: &str = "2026-01-01T00:00:00Z";
+    let base = rfc3339::parse(BASE).unwrap();
+    let kind = |i: usize| ["COMPLETED", "FAILED", "CRASHED"][i % 3];
+    let runs: Vec<Value> = (0..450)
+        .rev()
+        .map(|i| {
+            json!({
+                "id": format!("run-{i}"),
+                "deployment_id": if i >= 50 { "d-daily" } else { "d-weekly" },
+                "state_type": kind(i),
+                "state_name": "whatever",
+                "end_time": rfc3339::format(base + i as f64),
+            })
+        })
+        .collect();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let passes: Arc<Mutex<Vec<(String, u64, u16)>>> = Arc::default();
+    let (f, p) = (Arc::clone(&failed_once), Arc::clone(&passes));
+    let data = StubData::standard();
+    let handler = move |req: &support::Request| -> Response {
+        let body = req.json();
+        let answer = match req.api_path() {
+            "/deployments/count" => Response::json(200, &json!(2)),
+            "/flows/count" => Response::json(200, &json!(1)),
+            "/deployments/filter" => Response::json(
+                200,
+                &json!([
+                    {"id": "d-daily", "name": "daily", "flow_id": "f-etl", "paused": false,
+                     "status": "READY", "work_pool_name": null},
+                    {"id": "d-weekly", "name": "weekly", "flow_id": "f-etl", "paused": true,
+                     "status": "NOT_READY", "work_pool_name": "pool"},
+                ]),
+            ),
+            "/flows/filter" if body["flows"]["id"]["any_"].is_array() => {
+                Response::json(200, &json!([{"id": "f-etl", "name": "etl"}]))
+            }
+            "/flow_runs/filter" if body["flow_runs"]["end_time"].is_object() => {
+                let offset = body["offset"].as_u64().unwrap_or(0);
+                let after = body["flow_runs"]["end_time"]["after_"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if offset == 200 && !f.swap(true, Ordering::SeqCst) {
+                    p.lock().unwrap().push((after, offset, 500));
+                    return Response::json(500, &json!({"detail": "stub error"}));
+                }
+                p.lock().unwrap().push((after.clone(), offset, 200));
+                let after = rfc3339::parse(&after).expect("an RFC 3339 after_");
+                let page: Vec<Value> = runs
+                    .iter()
+                    .filter(|r| rfc3339::parse(r["end_time"].as_str().unwrap()).unwrap() >= after)
+                    .skip(offset as usize)
+                    .take(body["limit"].as_u64().unwrap_or(200) as usize)
+                    .cloned()
+                    .collect();
+                Response::json(200, &Value::Array(page))
+            }
+            _ => data.answer(req),
+        };
+        answer
+    };
+    let stub = Stub::start(Mode::Handler(Arc::new(handler)));
+    let exp = Exporter::spawn(&[
+        ("PREFECT_API_URL", &stub.api_url()),
+        ("EXPORTER_INTERVAL", "1"),
+        // The stub's runs are older than the default week.
+        ("EXPORTER_LOOKBACK", "3650d"),
+    ]);
+    let ts = |dep: &str, t: &str| {
+        format!(
+            "prefect_deployment_last_run_timestamp_seconds{{deployment=\"{dep}\",flow=\"etl\",state_type=\"{t}\"}}"
+        )
+    };
+    let m = exp.wait_for(
+        |m| m.contains_key(&ts("weekly", "COMPLETED")),
+        Duration::from_secs(30),
+    );
+    for (dep, t, i) in [
+        ("daily", "COMPLETED", 447),
+        ("daily", "FAILED", 448),
+        ("daily", "CRASHED", 449),
+        ("weekly", "COMPLETED", 48),
+        ("weekly", "FAILED", 49),
+        ("weekly", "CRASHED", 47),
+    ] {
+        assert_eq!(m.get(&ts(dep, t)), Some(&(base + i as f64)), "{dep} {t}");
+    }
+    // Wait for a pass after the first one.
+    poll(|| passes.lock().unwrap().len() >= 5);
+    let seen = passes.lock().unwrap().clone();
+    let first_after = seen[0].0.clone();
+    assert_eq!(
+        &seen[..4],
+        &[
+            (first_after.clone(), 0, 200),
+            (first_after.clone(), 200, 500),
+            (first_after.clone(), 200, 200),
+            (first_after, 400, 200),
+        ],
+        "the cut pass resumes at its page"
+    );
+    // The newest end time seen is long before the exporter's clock: the next
+    // pass starts there and is one page with the newest run alone.
+    let newest = rfc3339::format(base + 449.0);
+    assert_eq!(seen[4], (newest.clone(), 0, 200));
+    assert!(seen[4..]
+        .iter()
+        .all(|(a, o, s)| *a == newest && *o == 0 && *s == 200));
+    let m = exp.metrics();
+    assert_eq!(
+        m["prefect_exporter_collect_errors_total"], 1.0,
+        "only the cut collection failed"
+    );
+    assert_eq!(m["prefect_deployments"], 2.0);
+    assert_eq!(
+        m.get("prefect_deployment_info{deployment=\"weekly\",flow=\"etl\",paused=\"true\",status=\"NOT_READY\",work_pool=\"pool\"}"),
+        Some(&1.0)
+    );
+}
+
+fn poll(cond: impl Fn() -> bool) {
+    let ok = support::poll(Duration::from_secs(30), Duration::from_millis(50), || {
+        cond().then_some(())
+    });
+    assert!(ok.is_some(), "condition not met within 30 s");
+}
