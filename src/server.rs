@@ -351,8 +351,9 @@ fn serve_connection(conn: &Connection, metrics: &Metrics) {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; MAX_HEAD];
     let mut filled = 0;
+    // The first wait counts from the accept (set by `admit`), so connections are
+    // evicted in the order they came, however late their threads start.
     loop {
-        conn.registry.set_waiting(conn.id, Some(Instant::now()));
         let end = match read_head(stream, &mut buf, &mut filled) {
             ReadOutcome::Head(end) => end,
             ReadOutcome::Gone => return,
@@ -399,6 +400,7 @@ fn serve_connection(conn: &Connection, metrics: &Metrics) {
         // Pipelined requests: keep what follows this head.
         buf.copy_within(end..filled, 0);
         filled -= end;
+        conn.registry.set_waiting(conn.id, Some(Instant::now()));
     }
 }
 

@@ -304,14 +304,24 @@ fn connection_limit_bounds_threads_and_memory() {
         s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
         matches!((&*s).read(&mut [0u8; 1]), Ok(0))
     };
+    let evicted = wanted - MAX_CONNECTIONS;
     poll(Duration::from_secs(20), Duration::from_millis(50), || {
-        closed(&conns[wanted - MAX_CONNECTIONS - 1]).then_some(())
+        (conns.iter().filter(|c| closed(c)).count() >= evicted).then_some(())
     })
-    .unwrap_or_else(|| panic!("no connection was closed: {} threads", threads(pid)));
-    assert!(closed(&conns[0]), "the oldest connection is still open");
+    .unwrap_or_else(|| {
+        panic!(
+            "{} connections closed, {evicted} expected; {} threads",
+            conns.iter().filter(|c| closed(c)).count(),
+            threads(pid)
+        )
+    });
     assert!(
-        !closed(&conns[wanted - 1]),
-        "the newest connection was closed"
+        conns[..evicted - 50].iter().all(closed),
+        "an old connection is still open"
+    );
+    assert!(
+        !conns[wanted - MAX_CONNECTIONS + 50..].iter().any(closed),
+        "a new connection was closed"
     );
     let t = threads(pid);
     let rss = rss_kb(pid);
