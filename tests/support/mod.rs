@@ -90,7 +90,7 @@ const WATCHDOG: &str = r#"parent=$1; cleanup=$2; shift 2; me=$$
 ) </dev/null >/dev/null 2>&1 &
 exec "$@""#;
 
-fn watched_command(program: &Path, cleanup_dir: Option<&Path>) -> Command {
+pub fn watched_command(program: &Path, cleanup_dir: Option<&Path>) -> Command {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(WATCHDOG)
@@ -114,7 +114,7 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 /// SIGTERM (after SIGCONT, in case it is frozen), up to `grace`, then SIGKILL; reaps.
-fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+pub fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Some(status);
     }
@@ -399,7 +399,7 @@ fn wait_healthy(child: &mut Child, home: &Path, port: u16) -> Result<Duration, S
     }
 }
 
-fn tail_lines(text: &str, n: usize) -> String {
+pub fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
