@@ -322,7 +322,17 @@ impl Config {
                 }
                 Auth::Basic(s)
             }
-            (None, Some(k)) => Auth::Bearer(k.trim().to_string()),
+            (None, Some(k)) => {
+                let k = k.trim().to_string();
+                if !is_header_value(&k) {
+                    return Err(invalid(
+                        "PREFECT_API_KEY",
+                        "***".into(),
+                        "expected printable ASCII characters only",
+                    ));
+                }
+                Auth::Bearer(k)
+            }
             (None, None) => Auth::None,
         };
 
@@ -664,6 +674,12 @@ pub fn parse_name_list(v: &str) -> Vec<String> {
     out
 }
 
+/// What an HTTP header value may hold: printable ASCII, spaces and tabs. Anything
+/// else would make every request fail, so it is refused at start instead.
+fn is_header_value(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
 /// `seed` is accepted (it always runs); an unknown name is an error rather than
 /// a group silently missing from the dashboards.
 fn parse_collectors(v: &str) -> Result<Collectors, ConfigError> {
@@ -737,7 +753,7 @@ fn parse_headers(
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !valid_name || value.bytes().any(|b| b == b'\r' || b == b'\n') {
+        if !valid_name || !is_header_value(&value) {
             return Err(bad());
         }
         if PROTECTED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
@@ -945,6 +961,31 @@ mod tests {
             .err()
             .unwrap();
         assert!(!e.to_string().contains("pw1"));
+    }
+
+    #[test]
+    fn header_values_must_be_printable_ascii() {
+        for v in [
+            "{\"X-A\": \"caf\u{e9}\"}",
+            "{\"X-A\": \"a\\u0001b\"}",
+            "{\"X-A\": \"a\\nb\"}",
+        ] {
+            let e = parse(&[("PREFECT_CLIENT_CUSTOM_HEADERS", v)])
+                .err()
+                .unwrap();
+            assert!(
+                e.to_string()
+                    .starts_with("PREFECT_CLIENT_CUSTOM_HEADERS=***"),
+                "{v}"
+            );
+        }
+        let e = parse(&[("PREFECT_API_KEY", "k\u{e9}y")]).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "PREFECT_API_KEY=***: expected printable ASCII characters only"
+        );
+        let c = parse(&[("PREFECT_CLIENT_CUSTOM_HEADERS", "{\"X-A\": \"a b\\tc\"}")]).unwrap();
+        assert_eq!(c.custom_headers[0].1, "a b\tc");
     }
 
     #[test]

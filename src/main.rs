@@ -62,14 +62,14 @@ fn run() -> i32 {
         log::warn!("{w}");
     }
 
-    let (http, bound) = match server::bind(config.address, config.port) {
+    let (listener, bound) = match server::bind(config.address, config.port) {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot listen on {e} (check EXPORTER_ADDRESS and EXPORTER_PORT)");
             return EXIT_RUNTIME;
         }
     };
-    let http = Arc::new(http);
+    // Installed before anything runs, so a signal is never missed or fatal.
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(s) => s,
         Err(e) => {
@@ -77,14 +77,6 @@ fn run() -> i32 {
             return EXIT_RUNTIME;
         }
     };
-    let signal_http = Arc::clone(&http);
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
-            log::info!("{name} received, shutting down");
-            signal_http.unblock();
-        }
-    });
 
     let metrics = Arc::new(metrics::Metrics::new());
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -100,10 +92,21 @@ fn run() -> i32 {
         log::error!("cannot start the collector thread: {e}");
         return EXIT_RUNTIME;
     }
-
+    if let Err(e) = server::spawn(listener, Arc::clone(&metrics)) {
+        log::error!("cannot start the HTTP server thread: {e}");
+        return EXIT_RUNTIME;
+    }
     log::info!("listening on http://{bound}/metrics");
-    server::serve(&http, &metrics);
 
+    // The main thread only waits for the signal; serving happens on the server's
+    // threads, which end with the process.
+    let name = match signals.forever().next() {
+        Some(SIGTERM) => "SIGTERM",
+        Some(_) => "SIGINT",
+        None => "end of signal stream",
+    };
+    log::info!("{name} received, shutting down");
+    // Wakes the collector from its wait between collections at once.
     drop(stop_tx);
     if done_rx.recv_timeout(SHUTDOWN_GRACE).is_err() {
         log::debug!("a collection was still in flight at shutdown; abandoned");
@@ -151,4 +154,25 @@ fn help() -> String {
          Exit codes: 0 after SIGTERM/SIGINT, 2 for a bad setting, 1 when the port cannot be bound.\n",
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_has_a_line_with_the_default_for_every_setting() {
+        let help = help();
+        for (name, default, _) in SETTINGS {
+            let line = help
+                .lines()
+                .find(|l| {
+                    l.trim_start()
+                        .strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(' '))
+                })
+                .unwrap_or_else(|| panic!("--help does not list {name}"));
+            assert!(line.contains(&format!("(default: {default})")), "{line}");
+        }
+    }
 }

@@ -63,10 +63,19 @@ pub fn collect_all(
         // Not every deployment answers (Prefect Cloud has no admin API): a missing
         // version is no failure, the series is simply absent.
         match client.get::<String>("/admin/version", deadline) {
-            Ok(v) => state.server_version = Some(v),
-            Err(e) => log::debug!("Prefect server version unavailable: {e}"),
+            Ok(v) => {
+                state.server_version = Some(v);
+                state.version_checked = Some(Instant::now());
+            }
+            // The API answered no: ask again in an hour, not every collection.
+            Err(e @ ApiError::Status { .. }) => {
+                log::debug!("Prefect server version unavailable: {e}");
+                state.version_checked = Some(Instant::now());
+            }
+            // No answer in the time left (a slow first collection, a blip): ask
+            // again next collection rather than showing no version for an hour.
+            Err(e) => log::debug!("Prefect server version not read this time: {e}"),
         }
-        state.version_checked = Some(Instant::now());
     }
 
     let on = config.collectors;

@@ -2265,3 +2265,57 @@ fn reason(status: u16) -> &'static str {
         _ => "Status",
     }
 }
+
+// ---------------------------------------------------------------------------
+// Issue 4 additions: a server on a port chosen before it starts (Prefect not yet
+// up when the exporter starts) and credential rotation (a real 401 that ends).
+// ---------------------------------------------------------------------------
+
+impl PrefectServer {
+    /// Starts a fresh server on `port` (e.g. one an exporter already points at);
+    /// panics if the port is taken or the server does not become healthy.
+    pub fn start_on(port: u16, opts: ServerOptions) -> PrefectServer {
+        assert!(
+            prefect_available(),
+            "Prefect is not available (the test should start with support::require_prefect!())"
+        );
+        let template = {
+            let _g = TEMPLATE_MUTEX.lock().unwrap_or_else(|e| e.into_inner());
+            template_dir()
+        };
+        let home = TempDir::new("prefect-home");
+        let home_path = home.path().to_path_buf();
+        std::mem::forget(home); // owned by the PrefectServer from here on
+        if let Some(t) = &template {
+            for f in TEMPLATE_FILES {
+                if t.join(f).exists() {
+                    fs::copy(t.join(f), home_path.join(f)).expect("copy template database");
+                }
+            }
+        }
+        let mut child = launch_server(&home_path, port, &opts, true);
+        match wait_healthy(&mut child, &home_path, port) {
+            Ok(_) => {
+                let pid = child.id() as i32;
+                PrefectServer {
+                    port,
+                    home: home_path,
+                    opts,
+                    child: Mutex::new(Some(child)),
+                    pid: AtomicI32::new(pid),
+                }
+            }
+            Err(StartError::PortInUse(log)) | Err(StartError::Failed(log)) => {
+                terminate(&mut child, Duration::from_secs(5));
+                let _ = fs::remove_dir_all(&home_path);
+                panic!("prefect server on port {port} did not start:\n{log}");
+            }
+        }
+    }
+
+    /// The auth string the server requires from its next [`restart`](Self::restart)
+    /// on (`None`: no auth); data and port are kept.
+    pub fn set_auth_string(&mut self, auth: Option<&str>) {
+        self.opts.auth_string = auth.map(String::from);
+    }
+}

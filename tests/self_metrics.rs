@@ -1,0 +1,240 @@
+//! Issue 4: the exporter tells the truth about itself. Against the real shared
+//! Prefect server: every self-metric is there with the right type and a sensible
+//! value, `promtool check metrics` finds nothing but the five `_total` gauges the
+//! specification imposes, /healthz and /readyz answer, HEAD matches GET.
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use support::{Exporter, PrefectServer};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The specified seed gauges keep their `_total` names (issue 1): promtool's
+/// only complaint, and an expected one.
+const SPECIFIED_TOTAL_GAUGES: &[&str] = &[
+    "prefect_flow_runs_total",
+    "prefect_flow_runs_successes_total",
+    "prefect_flow_runs_in_error_total",
+    "prefect_flow_runs_in_warning_total",
+    "prefect_missing_deployments_total",
+];
+
+fn promtool() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !support::is_ci(),
+            "promtool not found in PATH (CI=true: install Debian's `prometheus` package)"
+        );
+        eprintln!("SKIPPED: promtool not found in PATH (Debian's `prometheus` package)");
+    }
+    found
+}
+
+fn type_of<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let prefix = format!("# TYPE {name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(str::trim)
+}
+
+#[test]
+fn self_metrics_on_a_real_server() {
+    support::require_prefect!();
+    let server = PrefectServer::shared();
+    let url = server.api_url();
+    let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
+    let m = exp.wait_for(
+        |m| {
+            m.get("prefect_up") == Some(&1.0)
+                && m.get("prefect_exporter_collections_total") >= Some(&2.0)
+        },
+        WAIT,
+    );
+    let text = exp.metrics_text();
+
+    for (name, kind) in [
+        ("prefect_up", "gauge"),
+        ("prefect_exporter_last_success_timestamp_seconds", "gauge"),
+        ("prefect_exporter_collect_duration_seconds", "gauge"),
+        ("prefect_exporter_collections_total", "counter"),
+        ("prefect_exporter_collect_errors_total", "counter"),
+        ("prefect_exporter_build_info", "gauge"),
+        ("prefect_server_info", "gauge"),
+        ("prefect_exporter_collector_success", "gauge"),
+        ("prefect_exporter_collector_duration_seconds", "gauge"),
+    ] {
+        assert_eq!(type_of(&text, name), Some(kind), "{name}:\n{text}");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = m["prefect_exporter_last_success_timestamp_seconds"];
+    assert!(
+        (now - 30.0..=now + 1.0).contains(&last),
+        "last success {last}, now {now}"
+    );
+    let took = m["prefect_exporter_collect_duration_seconds"];
+    assert!(took > 0.0 && took < 1.0, "collect duration {took}");
+    assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
+    assert_eq!(
+        m.get("prefect_exporter_collector_success{collector=\"seed\"}"),
+        Some(&1.0)
+    );
+    let seed_took = m["prefect_exporter_collector_duration_seconds{collector=\"seed\"}"];
+    assert!(
+        seed_took > 0.0 && seed_took <= took,
+        "{seed_took} vs {took}"
+    );
+    let version = server.api().server_version();
+    assert_eq!(
+        m.get(&format!("prefect_server_info{{version=\"{version}\"}}")),
+        Some(&1.0),
+        "{text}"
+    );
+    let build = m
+        .iter()
+        .find(|(k, _)| k.starts_with("prefect_exporter_build_info{"))
+        .map(|(k, v)| (k.clone(), *v))
+        .expect("build_info");
+    assert_eq!(build.1, 1.0);
+    assert!(
+        build
+            .0
+            .contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{}",
+        build.0
+    );
+    assert!(
+        !build.0.contains("revision=\"\""),
+        "empty revision: {}",
+        build.0
+    );
+    // The counter counts: later scrapes see more collections.
+    let before = m["prefect_exporter_collections_total"];
+    exp.wait_for(
+        |m| m.get("prefect_exporter_collections_total") > Some(&before),
+        WAIT,
+    );
+
+    // Probes and HEAD.
+    assert_eq!(exp.get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(exp.get("/readyz"), (200, "ready\n".into()));
+    let get = exp.request("GET", "/metrics", &[]);
+    let head = exp.request("HEAD", "/metrics", &[]);
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert_eq!(get.header("content-type"), head.header("content-type"));
+    assert!(head.header("content-length").is_some());
+
+    // promtool: nothing but the five specified `_total` gauges.
+    let Some(promtool) = promtool() else { return };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut complaints: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
+    complaints.sort();
+    let mut expected: Vec<String> = SPECIFIED_TOTAL_GAUGES
+        .iter()
+        .map(|n| format!("{n} non-counter metrics should not have \"_total\" suffix"))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        complaints, expected,
+        "promtool check metrics:\n{report}\n{text}"
+    );
+}
+
+/// `prefect_server_info` when the version request is slow once: asked again at
+/// the next collection, not an hour later. When the API has no version (Prefect
+/// Cloud answers 404), the series is absent, nothing fails, and the version is
+/// not asked at every collection.
+#[test]
+fn server_version_retried_after_a_timeout_not_after_a_refusal() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use support::{Mode, Response, Stub, StubData};
+
+    let data = StubData::standard();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let (d, a) = (data.clone(), Arc::clone(&asked));
+    let slow_once: support::Handler = Arc::new(move |req: &support::Request| {
+        if req.api_path() == "/admin/version" && a.fetch_add(1, Ordering::SeqCst) == 0 {
+            // Longer than the exporter's 1 s request timeout: a slow server, not
+            // a synchronisation.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        d.answer(req)
+    });
+    let stub = Stub::start(Mode::Handler(slow_once));
+    let url = stub.api_url();
+    let exp = Exporter::spawn(&[
+        ("PREFECT_API_URL", &url),
+        ("PREFECT_API_REQUEST_TIMEOUT", "1"),
+    ]);
+    let m = exp.wait_for(
+        |m| m.get("prefect_server_info{version=\"3.9.1\"}") == Some(&1.0),
+        Duration::from_secs(15),
+    );
+    assert!(asked.load(Ordering::SeqCst) >= 2);
+    assert_eq!(m["prefect_up"], 1.0);
+
+    let no_version: support::Handler = Arc::new(move |req: &support::Request| {
+        if req.api_path() == "/admin/version" {
+            Response::json(404, &serde_json::json!({"detail": "Not Found"}))
+        } else {
+            data.answer(req)
+        }
+    });
+    let cloud = Stub::start(Mode::Handler(no_version));
+    let url = cloud.api_url();
+    let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
+    let m = exp.wait_for(
+        |m| m.get("prefect_exporter_collections_total") >= Some(&4.0),
+        Duration::from_secs(20),
+    );
+    assert_eq!(m["prefect_up"], 1.0, "a missing version is no failure");
+    assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
+    assert!(
+        !m.keys().any(|k| k.starts_with("prefect_server_info")),
+        "{m:?}"
+    );
+    let version_requests = cloud
+        .requests()
+        .iter()
+        .filter(|r| r.api_path() == "/admin/version")
+        .count();
+    assert_eq!(version_requests, 1, "asked once, then hourly");
+}
