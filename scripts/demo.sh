@@ -13,8 +13,15 @@ EXPORTER_PORT=${EXPORTER_PORT:-8080}
 home=$(mktemp -d -t prefect-demo.XXXXXX)
 server_pid=""
 cleanup() {
-    trap - INT TERM EXIT
-    [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    # Ctrl-C reaches every process of the group, make included, and make follows
+    # up with SIGTERM: ignore both here so the clean-up always finishes.
+    trap '' INT TERM
+    trap - EXIT
+    set +e
+    if [ -n "$server_pid" ]; then
+        kill -TERM -- "-$server_pid" 2>/dev/null
+        wait "$server_pid" 2>/dev/null
+    fi
     rm -rf "$home"
     echo "demo stopped"
 }
@@ -23,7 +30,7 @@ trap cleanup INT TERM EXIT
 echo "starting Prefect on 127.0.0.1:$PREFECT_PORT (data in $home)"
 PREFECT_HOME=$home PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_UI_ENABLED=false \
 PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED=false \
-    .venv/bin/prefect server start --host 127.0.0.1 --port "$PREFECT_PORT" --no-services \
+    setsid .venv/bin/prefect server start --host 127.0.0.1 --port "$PREFECT_PORT" --no-services \
     >"$home/server.log" 2>&1 &
 server_pid=$!
 api="http://127.0.0.1:$PREFECT_PORT/api"
