@@ -22,7 +22,7 @@
 //! and an accept thread that ends for good on EMFILE (the exporter then exits).
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -701,25 +701,38 @@ fn write_answer(
     close: bool,
 ) -> io::Result<()> {
     let deadline = Instant::now() + WRITE_TIMEOUT;
-    write_all_by(stream, response_head(answer, close).as_bytes(), deadline)?;
-    if !head_only {
-        write_all_by(stream, answer.body.bytes(), deadline)?;
-    }
-    Ok(())
+    let head = response_head(answer, close);
+    let body = if head_only {
+        &[][..]
+    } else {
+        answer.body.bytes()
+    };
+    write_all_by(stream, head.as_bytes(), body, deadline)
 }
 
-/// `write_all` with one deadline for the whole buffer, whatever pace the client
-/// reads at.
-fn write_all_by(stream: &TcpStream, mut data: &[u8], deadline: Instant) -> io::Result<()> {
-    while !data.is_empty() {
+/// Writes `first` then `second` with one deadline for both, whatever pace the
+/// client reads at; one `writev` each time, so a small answer (head and body)
+/// leaves in a single segment.
+fn write_all_by(
+    stream: &TcpStream,
+    mut first: &[u8],
+    mut second: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !first.is_empty() || !second.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
         stream.set_write_timeout(Some(left))?;
-        match (&*stream).write(data) {
+        let parts = [IoSlice::new(first), IoSlice::new(second)];
+        match (&*stream).write_vectored(&parts) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                let from_first = n.min(first.len());
+                first = &first[from_first..];
+                second = &second[n - from_first..];
+            }
             Err(e) if is_retry(&e) => {}
             Err(e) => return Err(e),
         }

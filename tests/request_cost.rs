@@ -1,7 +1,8 @@
 //! Issue 5: the requests one steady-state collection costs do not grow with the
 //! run history. A counting pass-through proxy sits between the exporter and a
 //! REAL Prefect server; the per-collection counts (per path) with 100 runs in
-//! history must equal those with 2,000.
+//! history (3 of them late) must equal those with 2,000 (303 of them late:
+//! more than a page of 200).
 mod support;
 
 #[allow(dead_code)]
@@ -318,22 +319,37 @@ fn steady_state_requests_do_not_grow_with_history() {
     api.create_work_pool("pool-a", "process");
     api.create_work_pool("pool-b", "process");
     api.worker_heartbeat("pool-a", "worker-1");
-    let deployments: Vec<String> = ["hourly", "daily", "weekly"]
+    let names = ["hourly", "daily", "weekly"];
+    let deployments: Vec<String> = names
         .iter()
         .map(|n| api.create_deployment(&flow, n, Some("pool-a")))
         .collect();
+    // A deployment without runs: its late-run series is 0 throughout.
+    api.create_deployment(&flow, "idle", Some("pool-a"));
 
-    // 100 runs in history (3 of them late).
-    add_runs(&api, &deployments, &history(100, 3));
+    // 100 runs in history, 1 late per deployment.
+    add_runs(&api, &deployments, &history(97, 0));
+    for d in &deployments {
+        api.create_flow_runs_bulk(d, &[("SCHEDULED", "Late")]);
+    }
     let quiet = Instant::now();
     let proxy_small = CountingProxy::start(server.port());
     let exp_small = spawn(&proxy_small);
     let small = steady_counts(&exp_small, &proxy_small, quiet);
+    assert_late(&exp_small, &names, 1.0);
 
-    // 1,900 more: 2,000 in history. The running exporter sees them as changes
+    // 1,900 more: 2,000 in history, of them 303 late (101 per deployment, more
+    // than one page of late runs). The running exporter sees them as changes
     // once; a new exporter primes from all of them.
-    add_runs(&api, &deployments, &history(1900, 0));
+    add_runs(&api, &deployments, &history(1600, 0));
+    for d in &deployments {
+        api.create_flow_runs_bulk(d, &[("SCHEDULED", "Late"); 100]);
+    }
     assert_eq!(api.count_flow_runs(&serde_json::json!({})), 2000);
+    assert_eq!(
+        api.count_flow_runs(&json!({"flow_runs": {"state": {"name": {"any_": ["Late"]}}}})),
+        303
+    );
     let quiet = Instant::now();
     let proxy_big = CountingProxy::start(server.port());
     let exp_big = spawn(&proxy_big);
@@ -393,6 +409,25 @@ fn steady_state_requests_do_not_grow_with_history() {
     let m = exp_big.metrics();
     assert_eq!(m["prefect_flow_runs_total"], 2000.0);
     assert_eq!(m["prefect_up"], 1.0, "{}", exp_big.stderr());
+    assert_late(&exp_big, &names, 101.0);
+    assert_late(&exp_small, &names, 101.0);
+}
+
+/// Each named deployment of the flow "etl" has `late` late runs, the
+/// deployment "idle" none, and there is no other late-run series.
+fn assert_late(exp: &Exporter, names: &[&str], late: f64) {
+    let series =
+        |d: &str| format!("prefect_deployment_late_flow_runs{{deployment=\"{d}\",flow=\"etl\"}}");
+    let m = exp.metrics();
+    for d in names {
+        assert_eq!(m.get(&series(d)), Some(&late), "{d}: {m:?}");
+    }
+    assert_eq!(m.get(&series("idle")), Some(&0.0), "idle: {m:?}");
+    let all = m
+        .keys()
+        .filter(|k| k.starts_with("prefect_deployment_late_flow_runs{"))
+        .count();
+    assert_eq!(all, names.len() + 1, "{m:?}");
 }
 
 /// The passes over ended runs, seen from a stub: a pass cut by a failed page

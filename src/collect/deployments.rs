@@ -5,11 +5,13 @@
 //!
 //! Cost per collection, with N deployments shown (at most
 //! EXPORTER_MAX_DEPLOYMENTS), E runs that ended since the previous collection
-//! (plus the overlap) and L late runs: 2 counts, ceil(N/200) listing pages,
-//! ceil(new flows/200) flow lookups (0 once the flows are known), max(1,
-//! ceil(E/200)) ended-run pages (at most `MAX_PAGES`, the rest at the next
-//! collection), and for the late runs 1 request when L < 200, else the cheaper
-//! of paging them all (ceil(L/200) + 1) and one count per deployment (N + 2).
+//! (plus the overlap) and K deployments with at least one late run: 2 counts,
+//! ceil(N/200) listing pages, ceil(new flows/200) flow lookups (0 once the
+//! flows are known), max(1, ceil(E/200)) ended-run pages (at most `MAX_PAGES`,
+//! the rest at the next collection), and for the late runs max(1, ceil(K/200))
+//! pages of the deployments that have one (`POST /deployments/filter` with a
+//! `flow_runs` filter) plus one `POST /flow_runs/count` per such deployment
+//! that is shown (at most N). The number of late runs costs nothing.
 //! Nothing here grows with the run history: the last-run times are kept between
 //! collections and only runs that ended since are asked for.
 //!
@@ -160,6 +162,16 @@ struct RunFilter<'a> {
 }
 
 #[derive(Serialize)]
+struct LateDeployments {
+    flow_runs: LateRunsOnly,
+}
+
+#[derive(Serialize)]
+struct LateRunsOnly {
+    state: StateFilter<'static>,
+}
+
+#[derive(Serialize)]
 struct StateFilter<'a> {
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     state_type: Option<AnyOf<'a>>,
@@ -210,8 +222,8 @@ struct EndedRun {
 }
 
 #[derive(Deserialize)]
-struct LateRun {
-    deployment_id: Option<String>,
+struct DeploymentId {
+    id: String,
 }
 
 pub struct Settings {
@@ -402,8 +414,10 @@ fn update_last_runs(
     Ok(())
 }
 
-/// Late runs per deployment id, at the cheapest of: one page when there are
-/// fewer than 200, else paging them all or one count per listed deployment.
+/// Late runs per listed deployment id: the deployments that have at least one
+/// late run (`POST /deployments/filter` with a `flow_runs` filter, 200 per
+/// page), then one count per such deployment that is listed. The cost depends
+/// on the number of deployments with late runs, never on the number of runs.
 fn late_runs(
     client: &mut Client,
     deployment_ids: &[&str],
@@ -413,65 +427,64 @@ fn late_runs(
     if deployment_ids.is_empty() {
         return Ok(counts);
     }
-    let page = |offset| Page {
-        filter: late_filter(None),
-        sort: Some("ID_DESC"),
-        limit: PAGE,
-        offset,
-    };
-    let first: Vec<LateRun> = client.post("/flow_runs/filter", &page(0), deadline)?;
-    tally_late(&mut counts, &first);
-    if first.len() < PAGE {
-        return Ok(counts);
+    let listed: HashSet<&str> = deployment_ids.iter().copied().collect();
+    let mut with_late: Vec<String> = Vec::new();
+    let mut offset = 0;
+    loop {
+        let body = late_deployments_body(offset);
+        let page: Vec<DeploymentId> = client.post("/deployments/filter", &body, deadline)?;
+        let short = page.len() < PAGE;
+        offset += PAGE;
+        with_late.extend(
+            page.into_iter()
+                .map(|d| d.id)
+                .filter(|id| listed.contains(id.as_str())),
+        );
+        if short {
+            break;
+        }
     }
-    let total: u64 = client.post("/flow_runs/count", &late_filter(None), deadline)?;
-    let pages_left = (total as usize).div_ceil(PAGE).saturating_sub(1);
-    if pages_left <= deployment_ids.len() {
-        let mut offset = PAGE;
-        loop {
-            let more: Vec<LateRun> = client.post("/flow_runs/filter", &page(offset), deadline)?;
-            tally_late(&mut counts, &more);
-            if more.len() < PAGE {
-                break;
-            }
-            offset += PAGE;
-        }
-    } else {
-        counts.clear();
-        for id in deployment_ids {
-            let one = [*id];
-            let n: u64 = client.post("/flow_runs/count", &late_filter(Some(&one)), deadline)?;
-            counts.insert(id.to_string(), n);
-        }
+    with_late.sort_unstable();
+    with_late.dedup();
+    for id in with_late {
+        let one = [id.as_str()];
+        let n: u64 = client.post("/flow_runs/count", &late_filter(&one), deadline)?;
+        counts.insert(id, n);
     }
     Ok(counts)
 }
 
-fn late_filter<'a>(deployments: Option<&'a [&'a str]>) -> RunsFilter<'a> {
+/// Deployments with at least one flow run in the state `Late`.
+fn late_deployments_body(offset: usize) -> Page<LateDeployments> {
+    Page {
+        filter: LateDeployments {
+            flow_runs: LateRunsOnly {
+                state: StateFilter {
+                    state_type: None,
+                    name: Some(AnyOf { any_: &[LATE] }),
+                },
+            },
+        },
+        sort: Some("CREATED_DESC"),
+        limit: PAGE,
+        offset,
+    }
+}
+
+/// Runs of these deployments in the state `Late`.
+fn late_filter<'a>(deployments: &'a [&'a str]) -> RunsFilter<'a> {
     RunsFilter {
         flow_runs: RunFilter {
             state: StateFilter {
                 state_type: None,
                 name: Some(AnyOf { any_: &[LATE] }),
             },
-            deployment_id: match deployments {
-                Some(ids) => DeploymentIdFilter {
-                    any_: Some(ids),
-                    is_null_: None,
-                },
-                None => DeploymentIdFilter {
-                    any_: None,
-                    is_null_: Some(false),
-                },
+            deployment_id: DeploymentIdFilter {
+                any_: Some(deployments),
+                is_null_: None,
             },
             end_time: None,
         },
-    }
-}
-
-fn tally_late(counts: &mut HashMap<String, u64>, runs: &[LateRun]) {
-    for id in runs.iter().filter_map(|r| r.deployment_id.as_ref()) {
-        *counts.entry(id.clone()).or_insert(0) += 1;
     }
 }
 
@@ -609,13 +622,13 @@ mod tests {
             b,
             r#"{"flow_runs":{"state":{"type":{"any_":["COMPLETED","FAILED","CRASHED"]}},"deployment_id":{"is_null_":false},"end_time":{"after_":"2026-11-24T12:00:00.000000Z"}},"sort":"END_TIME_DESC","limit":200,"offset":400}"#
         );
-        let late = serde_json::to_string(&late_filter(None)).unwrap();
+        let late = serde_json::to_string(&late_deployments_body(200)).unwrap();
         assert_eq!(
             late,
-            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}},"deployment_id":{"is_null_":false}}}"#
+            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}},"sort":"CREATED_DESC","limit":200,"offset":200}"#
         );
         let one = ["abc"];
-        let late = serde_json::to_string(&late_filter(Some(&one))).unwrap();
+        let late = serde_json::to_string(&late_filter(&one)).unwrap();
         assert_eq!(
             late,
             r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}},"deployment_id":{"any_":["abc"]}}}"#
@@ -648,16 +661,16 @@ mod tests {
     }
 
     #[test]
-    fn late_runs_are_tallied_per_deployment() {
-        let runs: Vec<LateRun> = serde_json::from_str(
-            r#"[{"deployment_id":"d1","state_name":"Late"},{"deployment_id":"d1"},
-                {"deployment_id":"d2"},{"deployment_id":null}]"#,
-        )
-        .unwrap();
-        let mut counts = HashMap::new();
-        tally_late(&mut counts, &runs);
-        assert_eq!(counts.len(), 2);
-        assert_eq!(counts["d1"], 2);
-        assert_eq!(counts["d2"], 1);
+    fn deployments_with_late_runs_parse_from_a_full_answer() {
+        // The filter answers full deployments; only the id is kept.
+        let deps: Vec<DeploymentId> = response(include_str!(
+            "../../tests/fixtures/deployments_filter_all.json"
+        ));
+        assert_eq!(deps.len(), 2);
+        let full: Vec<Deployment> = response(include_str!(
+            "../../tests/fixtures/deployments_filter_all.json"
+        ));
+        assert_eq!(deps[0].id, full[0].id);
+        assert_eq!(deps[1].id, full[1].id);
     }
 }
