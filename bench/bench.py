@@ -1,0 +1,1019 @@
+#!/usr/bin/env python3
+"""`make bench` driver (stdlib only; scripts/bench.sh builds and installs, then runs this).
+
+Steps:
+ 1. A Prefect database with RUNS flow runs (and a SMALL_RUNS snapshot taken on the
+    way), filled through the REST API (fill.py) and cached under
+    bench/work/cache/<key>/, key = hash of the fill parameters and Prefect's
+    version. A rerun copies the cached databases and skips the fill.
+ 2. Two real Prefect servers (SMALL_RUNS and RUNS runs) on free loopback ports.
+ 3. Requests per collection at both sizes, through a counting pass-through proxy
+    (proxy.py): the start-up (collections and requests until 3 collections in a
+    row ask the same) and then REQ_COLLECTIONS steady collections. Only counts
+    are taken through the proxy.
+ 4. Without the proxy, against the RUNS server, after the same warm-up:
+    - exporter CPU per collection: utime+stime (and the per-thread schedstat sum)
+      over COLLECTIONS collections while nothing scrapes;
+    - collection wall time: prefect_exporter_collect_duration_seconds and the
+      per-collector durations, sampled once per collection, COLLECTIONS samples;
+    - /metrics under wrk (CONNECTIONS connections, THREADS threads, WRK_SECONDS)
+      while collections keep running; RSS sampled every 100 ms;
+    - wrk again, in rounds, until at least SCRAPES more requests; RSS after each.
+ 5. The static binary dist/prefect-exporter, if present (what the image runs):
+    RSS idle and under the same wrk load.
+ 6. Binary and image sizes, machine description, bench/RESULTS.md (printed).
+
+Nothing here knows which collect groups the exporter has: it reads the
+per-collector series the binary exposes and counts whatever requests it sends.
+Every process started here is stopped at the end (also on error or Ctrl-C); their
+pids are also listed in bench/work/run/pids for scripts/bench.sh's trap.
+
+Environment (defaults): BENCH_RUNS=20000 BENCH_SMALL_RUNS=1000 BENCH_INTERVAL=2
+BENCH_COLLECTIONS=30 BENCH_REQ_COLLECTIONS=5 BENCH_WRK_SECONDS=10
+BENCH_SCRAPES=1000000 BENCH_CONNECTIONS=16 BENCH_THREADS=2
+BENCH_SCRAPE_MAX_SECONDS=240 (time cap of the million-scrape phase)
+BENCH_WARMUP_MAX_SECONDS=180 (time cap of the start-up before steady state)
+BENCH_LOOKBACK=3650d (EXPORTER_LOOKBACK of the exporter)
+BENCH_BINARY (default target/release/prefect-exporter: another build to compare)
+BENCH_EXPORTER_ENV (extra exporter environment, e.g. "MALLOC_ARENA_MAX=1")
+BENCH_NO_STATIC=1 (skip step 5)
+BENCH_FILL_ONLY=1 (only fill and cache the database)
+"""
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import fill
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+WORK = BENCH / "work"
+RUN = WORK / "run"
+CACHE = WORK / "cache"
+BINARY = Path(os.environ.get("BENCH_BINARY") or ROOT / "target" / "release" / "prefect-exporter")
+VENV = Path(os.environ.get("PREFECT_VENV", ROOT / ".venv"))
+PREFECT = VENV / "bin" / "prefect"
+RESULTS = BENCH / "RESULTS.md"
+STATIC = ROOT / "dist" / "prefect-exporter"
+
+RSS_LIMIT = 5_000_000  # bytes: "RSS under 5 MB", taken strictly (4.77 MiB)
+GROWTH_TOLERANCE = 64 * 1024  # bytes over >= 1e6 scrapes, i.e. < 0.07 B/scrape
+SCRAPE_TARGET = 15_000
+WALL_TARGET = 0.5
+CPU_TARGET = 0.005
+
+
+def env_int(name, default):
+    return int(os.environ.get(name, default))
+
+
+CFG = {
+    "runs": env_int("BENCH_RUNS", 20000),
+    "small_runs": env_int("BENCH_SMALL_RUNS", 1000),
+    "interval": env_int("BENCH_INTERVAL", 2),
+    "collections": env_int("BENCH_COLLECTIONS", 30),
+    "req_collections": env_int("BENCH_REQ_COLLECTIONS", 5),
+    "wrk_seconds": env_int("BENCH_WRK_SECONDS", 10),
+    "scrapes": env_int("BENCH_SCRAPES", 1_000_000),
+    "connections": env_int("BENCH_CONNECTIONS", 16),
+    "threads": env_int("BENCH_THREADS", 2),
+    "scrape_max_seconds": env_int("BENCH_SCRAPE_MAX_SECONDS", 240),
+    "warmup_max_seconds": env_int("BENCH_WARMUP_MAX_SECONDS", 180),
+    "lookback": os.environ.get("BENCH_LOOKBACK", "3650d"),
+}
+# Through the proxy every answer is slower; a longer interval keeps collections
+# apart so that each count belongs to one collection.
+PROXY_INTERVAL = max(3, CFG["interval"])
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+class Stop(Exception):
+    pass
+
+
+def on_signal(signum, _frame):
+    raise Stop(f"signal {signum}")
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Procs:
+    """Every child started here; stopped in reverse order by stop_all()."""
+
+    def __init__(self, pidfile):
+        self.pidfile = pidfile
+        self.items = []
+
+    def start(self, name, argv, **kw):
+        p = subprocess.Popen(argv, start_new_session=True, **kw)
+        self.items.append((name, p))
+        with open(self.pidfile, "a") as f:
+            f.write(f"{p.pid} {name}\n")
+        return p
+
+    def stop(self, p, grace=15.0):
+        """SIGTERM, then SIGKILL after `grace` s; returns the exit code."""
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                log(f"pid {p.pid} ignored SIGTERM for {grace} s: SIGKILL")
+                p.kill()
+                p.wait()
+        self.items = [(n, q) for n, q in self.items if q is not p]
+        return p.returncode
+
+    def stop_all(self):
+        for _name, p in reversed(list(self.items)):
+            self.stop(p)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, pred, timeout, step=0.05, alive=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {alive.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout} s")
+        time.sleep(step)
+
+
+def http_get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def tail(path, n=20):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- Prefect
+
+
+def prefect_env(home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED="false",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    )
+    return env
+
+
+class PrefectServer:
+    def __init__(self, procs, name, home):
+        self.procs, self.name, self.home = procs, name, Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = None
+        self.proc = None
+
+    @property
+    def base(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self):
+        return fill.Api(self.base + "/api")
+
+    def start(self):
+        self.port = free_port()
+        self.log = self.home / "server.log"
+        self.proc = self.procs.start(
+            f"prefect-server-{self.name}",
+            [str(PREFECT), "server", "start", "--host", "127.0.0.1",
+             "--port", str(self.port), "--no-services"],
+            env=prefect_env(self.home),
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.started = time.monotonic()
+
+    def wait_ready(self):
+        def healthy():
+            try:
+                return http_get(self.base + "/api/health", timeout=2) == b"true"
+            except OSError:
+                return False
+
+        try:
+            wait_until(f"Prefect server {self.name}", healthy, 180, 0.25, self.proc)
+        except RuntimeError:
+            log(f"server log:\n{tail(self.log)}")
+            raise
+        log(f"Prefect server {self.name} ready on port {self.port} "
+            f"after {time.monotonic() - self.started:.0f} s")
+
+    def stop(self):
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+            self.proc = None
+
+    @property
+    def db(self):
+        return self.home / "prefect.db"
+
+
+def backup_db(src, dst):
+    """A consistent copy of a live SQLite database (the server is idle)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    s = sqlite3.connect(str(src))
+    d = sqlite3.connect(str(dst))
+    with d:
+        s.backup(d)
+    d.close()
+    s.close()
+
+
+def prefect_version():
+    out = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c",
+         "import importlib.metadata as m; print(m.version('prefect'))"],
+        capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def ensure_cache(procs):
+    params = fill.plan_params(CFG["runs"], CFG["small_runs"])
+    params["prefect"] = prefect_version()
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    final = CACHE / key
+    if (final / "meta.json").exists():
+        meta = json.loads((final / "meta.json").read_text())
+        log(f"cached database {final.relative_to(ROOT)} "
+            f"(filled in {meta['fill_seconds']:.0f} s): no fill needed")
+        return final, meta
+    log(f"no cached database for these parameters (key {key}): filling "
+        f"{CFG['runs']} runs through the REST API, once (a few minutes)")
+    tmp = CACHE / f"{key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    server = PrefectServer(procs, "fill", tmp / "home")
+    t0 = time.monotonic()
+    server.start()
+    server.wait_ready()
+    api = server.api
+    flow_ids, dep_ids = fill.setup(api)
+    states = fill.state_list(CFG["runs"])
+    fill.fill_range(api, flow_ids, dep_ids, states, 0, CFG["small_runs"], log)
+    small = fill.verify(api, states[: CFG["small_runs"]])
+    backup_db(server.db, tmp / "small.db")
+    fill.fill_range(api, flow_ids, dep_ids, states, CFG["small_runs"], CFG["runs"], log)
+    large = fill.verify(api, states)
+    backup_db(server.db, tmp / "large.db")
+    server.stop()
+    meta = {
+        "params": params,
+        "fill_seconds": time.monotonic() - t0,
+        "method": "REST: POST /api/deployments/{id}/create_flow_run/bulk (100 runs per "
+                  "call) + POST /api/flow_runs/ for runs without deployment",
+        "small": small,
+        "large": large,
+        "filled_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(tmp / "home", ignore_errors=True)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    log(f"filled and cached in {meta['fill_seconds']:.0f} s: {final.relative_to(ROOT)}")
+    return final, meta
+
+
+# ---------------------------------------------------------------- exporter
+
+
+def parse_metrics(text):
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        try:
+            out[series] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+class Exporter:
+    def __init__(self, procs, name, api_url, interval=None, binary=None):
+        self.log = RUN / f"exporter-{name}.log"
+        home = RUN / f"exporter-{name}-home"  # no user profiles.toml
+        home.mkdir(parents=True, exist_ok=True)
+        # A minimal, explicit environment, the same on every machine: nothing
+        # inherited (e.g. SSL_CERT_FILE, set on some hosts, makes the exporter load
+        # the whole CA bundle). BENCH_EXPORTER_ENV="K=V ..." adds to it.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        for kv in os.environ.get("BENCH_EXPORTER_ENV", "").split():
+            k, _, v = kv.partition("=")
+            env[k] = v
+        env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_API_URL=api_url,
+            EXPORTER_PORT="0",
+            EXPORTER_ADDRESS="127.0.0.1",
+            EXPORTER_INTERVAL=str(interval or CFG["interval"]),
+            EXPORTER_CHECK_DEPLOYMENTS=",".join(fill.CHECK_DEPLOYMENTS),
+            # Not the 7 d default: the cached runs ended when the cache was
+            # filled, and the start-up pass over ended runs must not depend on
+            # the age of the cache.
+            EXPORTER_LOOKBACK=CFG["lookback"],
+            LOG_LEVEL="INFO",
+        )
+        self.procs = procs
+        self.proc = procs.start(
+            f"exporter-{name}", [str(binary or BINARY)], env=env,
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
+            stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+
+        def listening():
+            m = re.search(r"listening on (http://\S+/metrics)", tail(self.log, 50))
+            return m and m.group(1)
+
+        self.url = wait_until("exporter start", listening, 30, 0.02, self.proc)
+
+    def metrics(self):
+        return parse_metrics(http_get(self.url).decode())
+
+    def collections(self):
+        return int(self.metrics().get("prefect_exporter_collections_total", 0))
+
+    def stop(self):
+        return self.procs.stop(self.proc, grace=5)
+
+
+def cpu_of(pid):
+    """(utime+stime in s, clock-tick based; sum of the threads' schedstat run time in s)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    rest = stat[stat.rfind(")") + 2:].split()
+    ticks = int(rest[11]) + int(rest[12])
+    ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK"), ns / 1e9
+
+
+def mem_of(pid):
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[k] = int(v.split()[0]) * 1024
+        elif k == "Threads":
+            out[k] = int(v)
+    return out
+
+
+def smaps(pid):
+    """Resident KiB per mapping (file name, [heap], [stack], or "anon"), largest first."""
+    out = {}
+    name = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):
+            parts = line.split()
+            name = parts[5] if len(parts) > 5 else "anon"
+        elif first == "Rss:":
+            out[name] = out.get(name, 0) + int(line.split()[1])
+    return dict(sorted(((k, v) for k, v in out.items() if v), key=lambda kv: -kv[1]))
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid, period=0.1):
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.max_rss = 0
+        self.max_sample = {}
+        self.max_threads = 0
+        self.samples = 0
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                m = mem_of(self.pid)
+            except OSError:
+                return
+            if m["VmRSS"] > self.max_rss:
+                self.max_rss, self.max_sample = m["VmRSS"], m
+            self.max_threads = max(self.max_threads, m["Threads"])
+            self.samples += 1
+            self.halt.wait(self.period)
+
+    def stop(self):
+        self.halt.set()
+        self.join()
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def requests_per_collection(procs, server, name):
+    """Counts the exporter's requests per collection through proxy.py."""
+    portfile = RUN / f"proxy-{name}.port"
+    proxy = procs.start(
+        f"proxy-{name}", [sys.executable, str(BENCH / "proxy.py"), server.base, str(portfile)],
+        stdout=subprocess.DEVNULL, stderr=open(RUN / f"proxy-{name}.log", "w"),
+        stdin=subprocess.DEVNULL)
+    port = wait_until("proxy start", lambda: portfile.exists() and portfile.read_text(),
+                      10, 0.02, proxy)
+    counts_url = f"http://127.0.0.1:{port}/__bench/counts"
+
+    def counts():
+        return json.loads(http_get(counts_url))
+
+    # A count read right after collections_total moved belongs to exactly the
+    # collections so far, provided the next one has not started yet: the next
+    # starts `interval` after the start of the one that just ended and the count
+    # is read within ~50 ms, so a collection is "clean" when it took less than
+    # interval - 0.25 s and so did the one before it.
+    interval = PROXY_INTERVAL
+    exp = Exporter(procs, f"proxy-{name}", f"http://127.0.0.1:{port}/api", interval)
+    k = CFG["req_collections"]
+    clean_limit = interval - 0.25
+    entries = []  # clean collections: (collection number, entry)
+    first = None
+    startup = None  # (collections, requests) before the steady state
+    dropped = 0
+    prev = {"total": 0, "by_path": {}}
+    last_c = 0
+    prev_clean = True
+    deadline = time.monotonic() + CFG["warmup_max_seconds"] + (k + 4) * interval * 2
+    while True:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"requests per collection ({name}): no {k} identical clean "
+                               f"collections in a row; see {exp.log}")
+        m = exp.metrics()
+        c = int(m.get("prefect_exporter_collections_total", 0))
+        if c > last_c:
+            now = counts()
+            delta = {p: n - prev["by_path"].get(p, 0) for p, n in now["by_path"].items()
+                     if n - prev["by_path"].get(p, 0)}
+            entry = {"collection": c, "total": now["total"] - prev["total"],
+                     "by_path": delta, "before": prev["total"],
+                     "duration": m["prefect_exporter_collect_duration_seconds"],
+                     "up": m.get("prefect_up")}
+            this_clean = entry["duration"] < clean_limit
+            if first is None:
+                first = entry
+            elif c - last_c == 1 and this_clean and prev_clean and entry["up"] == 1:
+                entries.append(entry)
+            else:
+                dropped += 1
+            prev_clean = this_clean
+            prev, last_c = now, c
+            # Steady: the last 3 clean collections are consecutive and ask the same.
+            if startup is None and len(entries) >= 3:
+                tail3 = entries[-3:]
+                if (tail3[2]["collection"] - tail3[0]["collection"] == 2
+                        and tail3[0]["by_path"] == tail3[1]["by_path"] == tail3[2]["by_path"]):
+                    startup = (tail3[0]["collection"] - 1, tail3[0]["before"])
+                    entries = tail3
+            if startup is not None and len(entries) >= k:
+                break
+        time.sleep(0.02)
+    m = exp.metrics()
+    exp.stop()
+    procs.stop(proxy)
+    per = entries
+    return {
+        "name": name,
+        "first": first,
+        "startup_collections": startup[0],
+        "startup_requests": startup[1],
+        "steady": [e["total"] for e in per],
+        "steady_by_path": per[-1]["by_path"],
+        "all_by_path_equal": all(e["by_path"] == per[0]["by_path"] for e in per),
+        "dropped": dropped,
+        "up": m.get("prefect_up"),
+        "collect_errors": m.get("prefect_exporter_collect_errors_total"),
+    }
+
+
+def collector_labels(m):
+    out = {}
+    for series, v in m.items():
+        mm = re.fullmatch(r'prefect_exporter_collector_duration_seconds\{collector="([^"]*)"\}',
+                          series)
+        if mm:
+            out[mm.group(1)] = v
+    return out
+
+
+WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def run_wrk(url, seconds):
+    argv = ["wrk", f"-t{CFG['threads']}", f"-c{CFG['connections']}", f"-d{seconds}s",
+            "--latency", "--timeout", "5s", url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    r = {"raw": out, "seconds": seconds}
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    r["requests"] = int(m.group(1))
+    r["elapsed"] = float(m.group(2)) * WRK_UNITS[m.group(3)]
+    r["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    r["latency"] = {}
+    for pct, val, unit in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M):
+        r["latency"][int(pct)] = float(val) * WRK_UNITS[unit]
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    r["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    r["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Latency\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    if m:
+        r["latency_avg"] = float(m.group(1)) * WRK_UNITS[m.group(2)]
+        r["latency_max"] = float(m.group(5)) * WRK_UNITS[m.group(6)]
+    return r
+
+
+def measure_exporter(procs, server, warmup):
+    exp = Exporter(procs, "direct", server.base + "/api")
+    pid = exp.pid
+    n = CFG["collections"]
+    interval = CFG["interval"]
+    res = {"pid": pid}
+    # Warm up: the first collections fetch the CSRF answer and the server version,
+    # and may read a backlog (the start-up pass over ended runs). The counting
+    # phase saw how many collections that took through the (slower) proxy: wait
+    # at least as many here, so that the measurements below see the steady state.
+    warm = max(3, warmup + 1)
+    log(f"warm-up: waiting for {warm} collections")
+    t = time.monotonic()
+    try:
+        wait_until(f"{warm} collections", lambda: exp.collections() >= warm,
+                   CFG["warmup_max_seconds"], 0.1, exp.proc)
+    except RuntimeError:
+        log(f"warm-up cut after {CFG['warmup_max_seconds']} s (BENCH_WARMUP_MAX_SECONDS)")
+    res["warmup"] = {"collections": exp.collections(), "seconds": time.monotonic() - t}
+    res["rss_start"] = mem_of(pid)
+
+    # 1. CPU per collection, no scrape inside the window.
+    log(f"exporter CPU over ~{n} collections without scrapes ({n * interval} s)")
+    m1 = exp.metrics()
+    cpu1, t1 = cpu_of(pid), time.monotonic()
+    time.sleep(n * interval + interval / 2)
+    cpu2, t2 = cpu_of(pid), time.monotonic()
+    m2 = exp.metrics()
+    c = m2["prefect_exporter_collections_total"] - m1["prefect_exporter_collections_total"]
+    res["cpu"] = {
+        "collections": int(c),
+        "window_s": t2 - t1,
+        "ticks_s": cpu2[0] - cpu1[0],
+        "sched_s": cpu2[1] - cpu1[1],
+        "per_collection_ticks": (cpu2[0] - cpu1[0]) / c,
+        "per_collection_sched": (cpu2[1] - cpu1[1]) / c,
+        "errors": m2.get("prefect_exporter_collect_errors_total", 0)
+        - m1.get("prefect_exporter_collect_errors_total", 0),
+    }
+    res["rss_idle"] = mem_of(pid)
+    res["smaps_idle"] = smaps(pid)
+
+    # 2. Wall time, sampled once per collection.
+    log(f"collection wall time over {n} collections")
+    samples = []
+    last = int(m2["prefect_exporter_collections_total"])
+    deadline = time.monotonic() + 30 + 3 * n * interval
+    while len(samples) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError("collections stopped advancing")
+        time.sleep(0.1)
+        m = exp.metrics()
+        cur = int(m["prefect_exporter_collections_total"])
+        if cur > last:
+            samples.append({
+                "skipped": cur - last - 1,
+                "duration": m["prefect_exporter_collect_duration_seconds"],
+                "up": m.get("prefect_up"),
+                "collectors": collector_labels(m),
+            })
+            last = cur
+    res["samples"] = samples
+    res["metrics_bytes"] = len(http_get(exp.url))
+    res["series"] = sum(1 for _ in exp.metrics())
+
+    # 3. Scrape load while collections keep running.
+    log(f"wrk -t{CFG['threads']} -c{CFG['connections']} -d{CFG['wrk_seconds']}s on /metrics")
+    mb_ = exp.metrics()
+    sampler = RssSampler(pid)
+    sampler.start()
+    res["wrk"] = run_wrk(exp.url, CFG["wrk_seconds"])
+    res["rss_load_max"] = sampler.max_rss
+    res["rss_load_max_sample"] = dict(sampler.max_sample)
+    res["threads_load_max"] = sampler.max_threads
+    ma = exp.metrics()
+    res["collections_during_load"] = int(ma["prefect_exporter_collections_total"]
+                                         - mb_["prefect_exporter_collections_total"])
+    res["failed_during_load"] = int(ma.get("prefect_exporter_collect_errors_total", 0)
+                                    - mb_.get("prefect_exporter_collect_errors_total", 0))
+    res["rss_after_load"] = mem_of(pid)
+
+    # 4. A million scrapes (or more): wrk in about four rounds sized by the rate just
+    #    measured; VmRSS after each round shows a plateau or a slope.
+    target = CFG["scrapes"]
+    rate = max(res["wrk"]["rps"], 1000.0)
+    done, rounds = 0, []
+    log(f"{target} scrapes (~{target / rate:.0f} s at {rate:.0f}/s)")
+    budget_end = time.monotonic() + CFG["scrape_max_seconds"]
+    while done < target:
+        left = budget_end - time.monotonic()
+        if left < 2:
+            log(f"only {done} scrapes within BENCH_SCRAPE_MAX_SECONDS="
+                f"{CFG['scrape_max_seconds']}: the scrape rate is too low; stopping there")
+            break
+        want = min(target - done, max(target // 4, 1))
+        secs = min(int(left), max(2, math.ceil(want / rate * 1.05)))
+        r = run_wrk(exp.url, secs)
+        done += r["requests"]
+        rounds.append({k: r[k] for k in ("requests", "elapsed", "rps", "non2xx", "socket_errors")})
+        rounds[-1]["rss_after"] = mem_of(pid)["VmRSS"]
+        rounds[-1]["scrapes_so_far"] = done
+        rate = max(r["rps"], 1000.0)
+    sampler.stop()
+    res["million"] = {"requests": done, "rounds": rounds,
+                      "rss_max_during": sampler.max_rss,
+                      "rss_max_sample": dict(sampler.max_sample),
+                      "threads_max": sampler.max_threads}
+    res["rss_after_million"] = mem_of(pid)
+    res["smaps_after_million"] = smaps(pid)
+    m_end = exp.metrics()
+    res["million"]["collections"] = int(m_end["prefect_exporter_collections_total"]
+                                        - ma["prefect_exporter_collections_total"])
+    res["million"]["failed"] = int(m_end.get("prefect_exporter_collect_errors_total", 0)
+                                   - ma.get("prefect_exporter_collect_errors_total", 0))
+    res["end"] = {
+        "collections": m_end["prefect_exporter_collections_total"],
+        "errors": m_end.get("prefect_exporter_collect_errors_total"),
+        "up": m_end.get("prefect_up"),
+    }
+    t = time.monotonic()
+    res["exit_code"] = exp.stop()
+    res["exit_seconds"] = time.monotonic() - t
+    return res
+
+
+def measure_static(procs, server, warm):
+    """The shipped static binary (dist/, what the image runs): RSS idle and under
+    the same wrk load, as a second opinion on memory (no libc.so to map)."""
+    exp = Exporter(procs, "static", server.base + "/api", binary=STATIC)
+    try:
+        wait_until(f"{warm} collections", lambda: exp.collections() >= warm,
+                   CFG["warmup_max_seconds"], 0.1, exp.proc)
+    except RuntimeError:
+        log("static binary: warm-up cut")
+    time.sleep(CFG["interval"] + 0.5)
+    res = {"idle": mem_of(exp.pid), "version": sh(str(STATIC), "--version")}
+    sampler = RssSampler(exp.pid)
+    sampler.start()
+    res["wrk"] = run_wrk(exp.url, CFG["wrk_seconds"])
+    sampler.stop()
+    res["load_max"] = sampler.max_rss
+    res["after"] = mem_of(exp.pid)
+    exp.stop()
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def sh(*argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine():
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = ""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    rev = sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
+    if sh("git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"):
+        rev += " (+ uncommitted changes)"
+    return {
+        "nproc": sh("nproc"),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "rustc": sh("rustc", "--version"),
+        "exporter": sh(str(BINARY), "--version") + f", git {rev}",
+        "wrk": (sh("wrk", "-v") or "").splitlines()[0] if sh("wrk", "-v") else "",
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def loadavg():
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def sizes():
+    out = {"release": BINARY.stat().st_size if BINARY.exists() else None}
+    out["static"] = STATIC.stat().st_size if STATIC.exists() else None
+    image = None
+    note = "podman not installed"
+    if shutil.which("podman"):
+        p = subprocess.run(["podman", "image", "inspect", "prefect-exporter",
+                            "--format", "{{.Size}}"], capture_output=True, text=True)
+        if p.returncode == 0 and p.stdout.strip().isdigit():
+            image = int(p.stdout.strip())
+            tag = subprocess.run(["podman", "image", "inspect", "prefect-exporter",
+                                  "--format", "{{.Created}}"], capture_output=True, text=True)
+            note = f"podman image prefect-exporter, created {tag.stdout.strip()[:19]}"
+        else:
+            note = "no image prefect-exporter (run `make image`)"
+    out["image"], out["image_note"] = image, note
+    return out
+
+
+def ms(s):
+    return f"{s * 1000:.1f} ms"
+
+
+def us(s):
+    return f"{s * 1e6:.0f} µs" if s < 1e-3 else f"{s * 1000:.2f} ms"
+
+
+def mb(b):
+    return f"{b / 1e6:.2f} MB ({b // 1024} KiB)"
+
+
+def split(m):
+    return f"anon {m['RssAnon'] // 1024} + file {m['RssFile'] // 1024} KiB"
+
+
+def verdict(ok):
+    return "**pass**" if ok else "**MISS**"
+
+
+def report(mach, load_start, load_end, pver, meta, req, perf, size, static):
+    rows = []
+
+    def row(what, value, target="", result=""):
+        rows.append(f"| {what} | {value} | {target} | {result} |")
+
+    # Requests per collection.
+    small, large = req
+    steady_small, steady_large = set(small["steady"]), set(large["steady"])
+    constant = (len(steady_small) == 1 and steady_small == steady_large
+                and small["all_by_path_equal"] and large["all_by_path_equal"]
+                and small["steady_by_path"] == large["steady_by_path"])
+    for r, runs in ((small, CFG["small_runs"]), (large, CFG["runs"])):
+        vals = sorted(set(r["steady"]))
+        row(f"Prefect requests per collection, {runs:,} runs (steady, {len(r['steady'])} collections)",
+            "/".join(map(str, vals)),
+            "constant, independent of run count" if r is large else "",
+            verdict(constant) if r is large else "")
+    row("Prefect requests in the first collection (CSRF probe, server version)",
+        f"{large['first']['total']}")
+    for r, runs in ((small, CFG["small_runs"]), (large, CFG["runs"])):
+        row(f"Start-up before the steady state, {runs:,} runs (EXPORTER_LOOKBACK={CFG['lookback']})",
+            f"{r['startup_collections']} collections, {r['startup_requests']} requests")
+    by_path = ", ".join(f"`{p}` ×{n}" for p, n in sorted(large["steady_by_path"].items()))
+    by_path_small = ", ".join(f"`{p}` ×{n}" for p, n in sorted(small["steady_by_path"].items()))
+    # Wall time.
+    samples = perf["samples"]
+    durs = [s["duration"] for s in samples]
+    med, mx = statistics.median(durs), max(durs)
+    failed = sum(1 for s in samples if s["up"] != 1)
+    row(f"Collection wall time at {CFG['runs']:,} runs, median ({len(durs)} collections)",
+        ms(med), "< 500 ms", verdict(med < WALL_TARGET))
+    row("Collection wall time, max", ms(mx), "< 500 ms", verdict(mx < WALL_TARGET))
+    collectors = sorted({k for s in samples for k in s["collectors"]})
+    for c in collectors:
+        v = [s["collectors"][c] for s in samples if c in s["collectors"]]
+        row(f"  collector `{c}`, median / max", f"{ms(statistics.median(v))} / {ms(max(v))}")
+    row("Failed collections while sampling (prefect_up 0)", str(failed), "0", verdict(failed == 0))
+    # CPU.
+    cpu = perf["cpu"]
+    row(f"Exporter CPU per collection, utime+stime ({cpu['collections']} collections, no scrapes)",
+        ms(cpu["per_collection_ticks"]), "< 5 ms", verdict(cpu["per_collection_ticks"] < CPU_TARGET))
+    row("Exporter CPU per collection, sum of threads' schedstat (ns resolution)",
+        ms(cpu["per_collection_sched"]), "< 5 ms", verdict(cpu["per_collection_sched"] < CPU_TARGET))
+    # Scrapes.
+    w = perf["wrk"]
+    row(f"/metrics scrapes/s, wrk {CFG['connections']} connections {CFG['threads']} threads "
+        f"{CFG['wrk_seconds']} s ({w['requests']:,} requests, "
+        f"{perf['collections_during_load']} collections meanwhile)",
+        f"{w['rps']:,.0f}", f">= {SCRAPE_TARGET:,}", verdict(w["rps"] >= SCRAPE_TARGET))
+    lat = w["latency"]
+    row("Collections failed during the scrape load (of those run meanwhile)",
+        f"{perf['failed_during_load']} of {perf['collections_during_load']}, then "
+        f"{perf['million']['failed']} of {perf['million']['collections']} during the "
+        f"{perf['million']['requests']:,} scrapes")
+    row("Scrape latency p50 / p75 / p90 / p99",
+        " / ".join(us(lat[p]) for p in (50, 75, 90, 99) if p in lat))
+    if "latency_max" in w:
+        row("Scrape latency max", us(w["latency_max"]))
+    errs = w["non2xx"] + w["socket_errors"] + sum(
+        r["non2xx"] + r["socket_errors"] for r in perf["million"]["rounds"])
+    row("Scrape errors (non-2xx, socket errors), all wrk runs", str(errs), "0", verdict(errs == 0))
+    # Memory.
+    idle = perf["rss_idle"]["VmRSS"]
+    row(f"RSS idle (VmRSS, collections running, no scrapes; {split(perf['rss_idle'])})",
+        mb(idle), "< 5 MB",
+        verdict(idle < RSS_LIMIT))
+    load_max = max(perf["rss_load_max"], perf["million"]["rss_max_during"])
+    load_sample = (perf["rss_load_max_sample"] if perf["rss_load_max"] >= load_max
+                   else perf["million"]["rss_max_sample"])
+    row(f"RSS under scrape load, max of samples every 100 ms ({split(load_sample)}; "
+        f"threads: up to {max(perf['threads_load_max'], perf['million']['threads_max'])})",
+        mb(load_max), "< 5 MB", verdict(load_max < RSS_LIMIT))
+    after = perf["rss_after_million"]
+    row(f"RSS after {perf['million']['requests']:,} more scrapes (VmRSS; {split(after)})",
+        mb(after["VmRSS"]),
+        "< 5 MB", verdict(after["VmRSS"] < RSS_LIMIT))
+    row("Peak RSS since start (VmHWM at the end)", mb(after["VmHWM"]), "< 5 MB",
+        verdict(after["VmHWM"] < RSS_LIMIT))
+    growth = after["VmRSS"] - perf["rss_after_load"]["VmRSS"]
+    traj = " → ".join(f"{r['rss_after'] // 1024}" for r in perf["million"]["rounds"])
+    row(f"VmRSS KiB after the first {w['requests']:,} scrapes, then after each wrk round",
+        f"{perf['rss_after_load']['VmRSS'] // 1024} → {traj}")
+    row(f"RSS growth over those {perf['million']['requests']:,} scrapes "
+        f"(after vs. after the first {w['requests']:,})",
+        f"{growth / 1024:+.0f} KiB", f"no growth (<= 64 KiB) after >= {CFG['scrapes']:,}",
+        verdict(growth <= GROWTH_TOLERANCE and perf["million"]["requests"] >= CFG["scrapes"]))
+    if static:
+        row(f"Static binary dist/ ({static['version']}): RSS idle ({split(static['idle'])})",
+            mb(static["idle"]["VmRSS"]), "< 5 MB", verdict(static["idle"]["VmRSS"] < RSS_LIMIT))
+        row(f"Static binary: RSS under the same wrk load, max ({static['wrk']['rps']:,.0f} "
+            f"scrapes/s); peak (VmHWM)",
+            f"{mb(static['load_max'])}; {mb(static['after']['VmHWM'])}", "< 5 MB",
+            verdict(max(static["load_max"], static["after"]["VmHWM"]) < RSS_LIMIT))
+    # Sizes.
+    rel = BINARY.relative_to(ROOT) if BINARY.is_relative_to(ROOT) else BINARY
+    row(f"Binary size, {rel}", mb(size["release"]) if size["release"] else "not built")
+    row("Binary size, dist/ static", mb(size["static"]) if size["static"] else
+        "no dist/prefect-exporter (run `make static`)")
+    row("Image size", (mb(size["image"]) + f" ({size['image_note']})") if size["image"]
+        else f"skipped: {size['image_note']}")
+
+    extra_env = "".join(f"`{kv}`, " for kv in os.environ.get("BENCH_EXPORTER_ENV", "").split())
+    lines = [
+        "# prefect-exporter benchmark",
+        "",
+        f"Generated by `make bench` (scripts/bench.sh, bench/bench.py) on {mach['date']}.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPUs (nproc) | {mach['nproc']} |",
+        f"| CPU model | {mach['cpu']} |",
+        f"| Memory | {mach['memory']} |",
+        f"| Kernel | {mach['kernel']} |",
+        f"| rustc | {mach['rustc']} |",
+        f"| Exporter | {mach['exporter']} |",
+        f"| Prefect server | {pver} (SQLite, `--no-services`) |",
+        f"| wrk | {mach['wrk']} |",
+        f"| Load average (1/5/15 min) at start / end | {load_start} / {load_end} |",
+        "",
+        "## Results",
+        "",
+        "| Measure | Value | Target (issue 8) | |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "## How it was measured",
+        "",
+        f"- Database: {CFG['runs']:,} flow runs over all 19 state names, 4 flows, "
+        f"4 deployments (1 paused), 1 work pool with 1 worker; a {CFG['small_runs']:,}-run "
+        f"snapshot of the same fill for the run-count comparison. Filled once through "
+        f"the REST API ({meta['method']}) in {meta['fill_seconds']:.0f} s on "
+        f"{meta['filled_at']}, then cached in bench/work/cache/.",
+        f"- Exporter: `{BINARY.relative_to(ROOT) if BINARY.is_relative_to(ROOT) else BINARY}` "
+        f"with only these variables set: `PATH`, `PREFECT_HOME` (an empty directory), "
+        f"`PREFECT_API_URL`, `EXPORTER_PORT=0`, `EXPORTER_ADDRESS=127.0.0.1`, "
+        f"{extra_env}"
+        f"`EXPORTER_INTERVAL={CFG['interval']}` ({PROXY_INTERVAL} s for the request count), "
+        f"`EXPORTER_LOOKBACK={CFG['lookback']}`, "
+        f"`EXPORTER_CHECK_DEPLOYMENTS={','.join(fill.CHECK_DEPLOYMENTS)}`, `LOG_LEVEL=INFO`; "
+        f"{perf['series']} series, {perf['metrics_bytes']:,} bytes per /metrics answer.",
+        f"- Requests per collection: counted by a pass-through proxy (bench/proxy.py) "
+        f"between the exporter and Prefect, for each of {CFG['req_collections']} collections "
+        f"once {3} collections in a row asked the same. Steady collection at "
+        f"{CFG['runs']:,} runs: {by_path}; at {CFG['small_runs']:,} runs: {by_path_small}. "
+        f"No timing is taken through the proxy.",
+        f"- Wall time: the exporter's own `prefect_exporter_collect_duration_seconds` and "
+        f"`prefect_exporter_collector_duration_seconds`, read once per collection, after a "
+        f"warm-up of {perf['warmup']['collections']} collections "
+        f"({perf['warmup']['seconds']:.0f} s). The interval is {CFG['interval']} s: a "
+        f"collection's deadline is its interval, so a shorter one would cut (and fail) the "
+        f"collections it is meant to time.",
+        f"- CPU: utime+stime of /proc/<pid>/stat (clock ticks of "
+        f"{1000 / os.sysconf('SC_CLK_TCK'):.0f} ms) and the sum of "
+        f"/proc/<pid>/task/*/schedstat over {cpu['window_s']:.1f} s "
+        f"({cpu['collections']} collections) without any scrape, divided by the "
+        f"number of collections.",
+        f"- Scrapes: `wrk -t{CFG['threads']} -c{CFG['connections']} -d{CFG['wrk_seconds']}s "
+        f"--latency` on loopback, wrk and exporter sharing the same "
+        f"{mach['nproc']} CPUs; then wrk again until >= {CFG['scrapes']:,} requests "
+        f"({len(perf['million']['rounds'])} run(s)). Collections kept running throughout.",
+        f"- RSS: VmRSS/VmHWM of /proc/<pid>/status; sampled every 100 ms under load.",
+        f"- The exporter exited with code {perf['exit_code']} "
+        f"{perf['exit_seconds']:.2f} s after SIGTERM; collections at the end: "
+        f"{perf['end']['collections']:.0f}, collect errors: {perf['end']['errors']:.0f}.",
+        f"- Numbers taken while other work runs on the machine are noisy: see the load "
+        f"average above.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    shutil.rmtree(RUN, ignore_errors=True)
+    RUN.mkdir(parents=True)
+    procs = Procs(RUN / "pids")
+    started = time.monotonic()
+    try:
+        load_start = loadavg()
+        cache, meta = ensure_cache(procs)
+        if os.environ.get("BENCH_FILL_ONLY"):
+            return 0
+        large = PrefectServer(procs, "large", RUN / "prefect-large")
+        small = PrefectServer(procs, "small", RUN / "prefect-small")
+        shutil.copy(cache / "large.db", large.db)
+        shutil.copy(cache / "small.db", small.db)
+        large.start()
+        small.start()
+        large.wait_ready()
+        small.wait_ready()
+        pver = large.api.call("GET", "/admin/version")
+        log(f"requests per collection at {CFG['small_runs']} and {CFG['runs']} runs (proxy)")
+        req_small = requests_per_collection(procs, small, "small")
+        small.stop()
+        req_large = requests_per_collection(procs, large, "large")
+        perf = measure_exporter(procs, large, req_large["startup_collections"])
+        static = None
+        if STATIC.exists() and not os.environ.get("BENCH_NO_STATIC"):
+            log("RSS of the static binary dist/prefect-exporter")
+            static = measure_static(procs, large, perf["warmup"]["collections"])
+        large.stop()
+        load_end = loadavg()
+        raw = {"cfg": CFG, "req": [req_small, req_large], "perf": perf, "meta": meta,
+               "static": static}
+        (WORK / "last-run.json").write_text(json.dumps(raw, indent=1, default=str))
+        text = report(machine(), load_start, load_end, pver, meta,
+                      (req_small, req_large), perf, sizes(), static)
+        RESULTS.write_text(text)
+        print(text)
+        log(f"done in {time.monotonic() - started:.0f} s; raw data in "
+            f"{(WORK / 'last-run.json').relative_to(ROOT)}")
+        return 0
+    except Stop as e:
+        log(f"interrupted ({e})")
+        return 130
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        procs.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
