@@ -28,7 +28,21 @@ const EXIT_RUNTIME: i32 = 1;
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 
 fn main() {
+    limit_malloc_arenas();
     std::process::exit(run());
+}
+
+/// glibc gives every thread that allocates its own malloc arena (up to 8 per
+/// core) and keeps an arena's memory mapped: with a thread per scrape connection
+/// that is most of the resident size under load. One arena is plenty for one
+/// collector and small scrape answers (measured: no loss of scrapes/s).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: first thing in main, before any other thread exists; mallopt only
+    // sets a parameter of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 fn run() -> i32 {

@@ -4,11 +4,15 @@
 
 use std::fmt;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 use crate::config::{Auth, Config, ConfigError};
 
@@ -104,6 +108,62 @@ enum Csrf {
     },
 }
 
+/// Per-connection read and write buffers, and the largest response header.
+const IO_BUFFER: usize = 16 * 1024;
+
+/// How long a host name's addresses are reused.
+const DNS_TTL: Duration = Duration::from_secs(30);
+
+/// ureq resolves the host before every request, even one sent on a kept-alive
+/// connection, and when the request has a timeout (all of ours do) it resolves in
+/// a new thread: one thread started and ended per request. This resolver answers
+/// an IP address at once and reuses a host name's addresses for `DNS_TTL`, so a
+/// steady collection starts no thread.
+#[derive(Debug, Default)]
+struct CachingResolver {
+    inner: DefaultResolver,
+    cache: Mutex<Option<(String, Instant, ResolvedSocketAddrs)>>,
+}
+
+impl Resolver for CachingResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let port = match (uri.port_u16(), uri.scheme_str()) {
+            (Some(p), _) => p,
+            (None, Some("http")) => 80,
+            (None, Some("https")) => 443,
+            // Anything else (a SOCKS proxy): ureq's own rules.
+            _ => return self.inner.resolve(uri, config, timeout),
+        };
+        let Some(host) = uri.host() else {
+            return self.inner.resolve(uri, config, timeout);
+        };
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            let mut out = self.empty();
+            out.push(SocketAddr::new(ip, port));
+            return Ok(out);
+        }
+        let key = format!("{host}:{port}");
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, at, addrs)) = cache.as_ref() {
+            if *k == key && at.elapsed() < DNS_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        *cache = Some((key, Instant::now(), addrs.clone()));
+        Ok(addrs)
+    }
+}
+
 pub struct Client {
     agent: ureq::Agent,
     base: String,
@@ -160,7 +220,7 @@ impl Client {
             })?),
             None => None,
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let agent_config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .user_agent(concat!("prefect-exporter/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls.build())
@@ -172,8 +232,18 @@ impl Client {
             .max_idle_connections(2)
             .max_idle_connections_per_host(2)
             .max_idle_age(Duration::from_secs(4))
-            .build()
-            .into();
+            // ureq's defaults are 128 KiB in and 128 KiB out per connection: most
+            // of the exporter's memory. Prefect's answers have small headers and
+            // bodies stream through the buffer.
+            .input_buffer_size(IO_BUFFER)
+            .output_buffer_size(IO_BUFFER)
+            .max_response_header_size(IO_BUFFER)
+            .build();
+        let agent = ureq::Agent::with_parts(
+            agent_config,
+            DefaultConnector::default(),
+            CachingResolver::default(),
+        );
         let auth_header = match &config.auth {
             Auth::None => None,
             Auth::Basic(s) => Some(format!("Basic {}", base64(s.as_bytes()))),
