@@ -37,7 +37,7 @@ cleanup() {
     [ -f "$pidfile" ] || return 0
     while read -r pid name; do
         [ -r "/proc/$pid/cmdline" ] || continue
-        if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE 'prefect|proxy\.py'; then
+        if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE 'prefect|proxy\.py|perf stat'; then
             echo "bench.sh: stopping leftover $name (pid $pid)" >&2
             kill "$pid" 2>/dev/null || true
         fi
