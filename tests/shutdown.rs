@@ -60,32 +60,22 @@ fn sigterm_while_a_collection_is_blocked_exits_0_within_a_second() {
 }
 
 #[test]
-fn sigint_while_idle_between_collections_exits_0() {
-    let stub = Stub::standard();
-    let url = stub.api_url();
-    let mut exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("EXPORTER_INTERVAL", "60")]);
-    exp.wait_for(
-        |m| m.get("prefect_up") == Some(&1.0),
-        Duration::from_secs(20),
-    );
-    stop_with(&mut exp, SIGINT, "SIGINT");
-}
-
-#[test]
-fn sigterm_while_idle_between_collections_exits_0() {
-    let stub = Stub::standard();
-    let url = stub.api_url();
-    let mut exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("EXPORTER_INTERVAL", "60")]);
-    exp.wait_for(
-        |m| m.get("prefect_up") == Some(&1.0),
-        Duration::from_secs(20),
-    );
-    // Only one collection ran: the collector is in its 60 s wait.
-    assert_eq!(
-        exp.metrics().get("prefect_exporter_collections_total"),
-        Some(&1.0)
-    );
-    stop_with(&mut exp, SIGTERM, "SIGTERM");
+fn sigint_and_sigterm_while_idle_between_collections_exit_0() {
+    for (sig, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
+        let stub = Stub::standard();
+        let url = stub.api_url();
+        let mut exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("EXPORTER_INTERVAL", "60")]);
+        exp.wait_for(
+            |m| m.get("prefect_up") == Some(&1.0),
+            Duration::from_secs(20),
+        );
+        // Only one collection ran: the collector is in its 60 s wait.
+        assert_eq!(
+            exp.metrics().get("prefect_exporter_collections_total"),
+            Some(&1.0)
+        );
+        stop_with(&mut exp, sig, name);
+    }
 }
 
 #[test]

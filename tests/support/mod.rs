@@ -1145,6 +1145,18 @@ pub struct Expected {
     pub runs: Vec<SeededRun>,
 }
 
+/// `EXPORTER_CHECK_DEPLOYMENTS` as the exporter reads it: trimmed, blanks and
+/// repeats dropped.
+pub fn distinct_names<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    let mut seen: Vec<&str> = Vec::new();
+    for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if !seen.contains(&n) {
+            seen.push(n);
+        }
+    }
+    seen
+}
+
 impl Expected {
     fn recompute(&mut self) {
         self.by_state.clear();
@@ -1180,13 +1192,8 @@ impl Expected {
 
     /// How many of `names` have no deployment (unknown flows count as missing).
     pub fn missing(&self, names: &[&str]) -> u64 {
-        let mut seen: Vec<&str> = Vec::new();
-        for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
-            if !seen.contains(&n) {
-                seen.push(n);
-            }
-        }
-        seen.iter()
+        distinct_names(names)
+            .iter()
             .filter(|n| !self.deployments.iter().any(|d| d.flow == **n))
             .count() as u64
     }
@@ -1871,13 +1878,8 @@ impl StubData {
         sum_names(&self.counts, WARNING_NAMES)
     }
     pub fn missing(&self, names: &[&str]) -> u64 {
-        let mut seen: Vec<&str> = Vec::new();
-        for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
-            if !seen.contains(&n) {
-                seen.push(n);
-            }
-        }
-        seen.iter()
+        distinct_names(names)
+            .iter()
             .filter(|n| !self.flows_with_deployments.iter().any(|f| f == *n))
             .count() as u64
     }
