@@ -145,13 +145,14 @@ fn image_serves_seed_metrics_and_stops_on_sigterm() {
         image_bytes < MAX_IMAGE_BYTES,
         "image is {image_bytes} bytes, target < {MAX_IMAGE_BYTES}"
     );
-    // The binary's 3 MB is a target, not a gate (static glibc alone is ~1 MB of
-    // it; see deploy/README.md): over it, say so visibly instead of failing.
-    if binary_bytes >= MAX_BINARY_BYTES {
-        skip_note!(
-            "WARNING: static binary is {binary_bytes} bytes, over the {MAX_BINARY_BYTES} target"
-        );
-    }
+    // scripts/static.sh only warns over the target (a user's older toolchain keeps
+    // the unwind tables and lands at ~3.1 MB); here the project's own build is held
+    // to it.
+    assert!(
+        binary_bytes < MAX_BINARY_BYTES,
+        "static binary is {binary_bytes} bytes, target < {MAX_BINARY_BYTES} \
+         (see scripts/static.sh)"
+    );
     // Only the binary is in the image: its size is the binary's plus metadata.
     assert!(
         image_bytes < binary_bytes + 100_000,
