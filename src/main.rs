@@ -6,6 +6,7 @@ mod collector;
 mod config;
 mod metrics;
 mod prefect;
+mod process;
 mod profiles;
 mod proxy;
 mod server;

@@ -4,12 +4,13 @@
 //! collection, and costs the same whatever the number of series.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::process::{self, ProcessStats};
 use crate::snapshot::{DeploymentsPart, Snapshot, StateCount, WorkPoolsPart, TRACKED_END_STATES};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -23,7 +24,19 @@ pub enum Readiness {
 
 pub struct Metrics {
     inner: Mutex<Inner>,
+    process: Mutex<ProcessText>,
 }
+
+/// The `process_*` series are read at scrape time, as every Prometheus client
+/// library does, so CPU and memory are current rather than as old as the last
+/// collection; one reading serves all scrapes for `PROCESS_MAX_AGE`, so a scrape
+/// flood costs no more /proc reads than one scraper.
+struct ProcessText {
+    read_at: Option<Instant>,
+    text: Arc<Vec<u8>>,
+}
+
+const PROCESS_MAX_AGE: Duration = Duration::from_secs(1);
 
 struct Inner {
     registry: Registry,
@@ -209,6 +222,68 @@ fn int_gauge(name: &str, help: &str) -> IntGauge {
     IntGauge::new(name, help).expect("valid metric definition")
 }
 
+/// The exposition text of a reading; the fields that could not be read are left
+/// out.
+fn render_process(stats: &ProcessStats) -> Vec<u8> {
+    let mut out = String::with_capacity(1024);
+    let mut family = |name: &str, kind: &str, help: &str, value: Option<String>| {
+        if let Some(v) = value {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
+        }
+    };
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        stats.cpu_seconds.map(|v| v.to_string()),
+    );
+    family(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        stats.max_fds.map(|v| {
+            if v == usize::MAX as u64 {
+                "+Inf".to_string()
+            } else {
+                v.to_string()
+            }
+        }),
+    );
+    family(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        stats.open_fds.map(|v| v.to_string()),
+    );
+    family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        stats.resident_bytes.map(|v| v.to_string()),
+    );
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        stats.start_time_seconds.map(|v| v.to_string()),
+    );
+    family(
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process.",
+        stats.threads.map(|v| v.to_string()),
+    );
+    family(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        stats.virtual_bytes.map(|v| v.to_string()),
+    );
+    out.into_bytes()
+}
+
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: &C) {
     registry
         .register(Box::new(c.clone()))
@@ -321,6 +396,10 @@ impl Metrics {
         inner.render();
         Metrics {
             inner: Mutex::new(inner),
+            process: Mutex::new(ProcessText {
+                read_at: None,
+                text: Arc::new(Vec::new()),
+            }),
         }
     }
 
@@ -397,6 +476,16 @@ impl Metrics {
         Arc::clone(&self.lock().rendered)
     }
 
+    /// The `process_*` series, to serve after `rendered()`.
+    pub fn process_rendered(&self) -> Arc<Vec<u8>> {
+        let mut p = self.process.lock().unwrap_or_else(|e| e.into_inner());
+        if p.read_at.is_none_or(|t| t.elapsed() >= PROCESS_MAX_AGE) {
+            p.text = Arc::new(render_process(&process::read()));
+            p.read_at = Some(Instant::now());
+        }
+        Arc::clone(&p.text)
+    }
+
     pub fn readiness(&self) -> Readiness {
         self.lock().readiness.clone()
     }
@@ -434,7 +523,7 @@ mod tests {
     use super::*;
     use crate::snapshot::{DeploymentsPart, StateCount, WorkPoolsPart};
     use crate::snapshot::{GroupOutcome, SeedCounts};
-    use std::time::{Duration, SystemTime};
+    use std::time::SystemTime;
 
     fn snap(seed: Option<SeedCounts>) -> Snapshot {
         Snapshot {
@@ -744,5 +833,23 @@ mod tests {
         assert!(!t.contains("pool-a"));
         assert!(!t.contains("prefect_deployment_info{"));
         assert_eq!(value(&t, "prefect_deployments"), Some(0.0));
+    }
+
+    #[test]
+    fn rendering_leaves_out_what_was_not_read() {
+        let text = String::from_utf8(render_process(&ProcessStats {
+            resident_bytes: Some(4_300_000),
+            max_fds: Some(usize::MAX as u64),
+            cpu_seconds: Some(0.25),
+            ..ProcessStats::default()
+        }))
+        .expect("utf-8");
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"));
+        assert!(text.contains("\nprocess_cpu_seconds_total 0.25\n"));
+        assert!(text.contains("\nprocess_resident_memory_bytes 4300000\n"));
+        assert!(text.contains("\nprocess_max_fds +Inf\n"));
+        assert!(!text.contains("process_threads"));
+        assert!(!text.contains("process_open_fds"));
+        assert_eq!(render_process(&ProcessStats::default()), Vec::<u8>::new());
     }
 }

@@ -30,6 +30,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, Readiness, CONTENT_TYPE};
+use crate::process;
 
 /// Request line plus headers. Prometheus sends about 300 bytes; browsers and curl
 /// well under 2 KiB. nginx's default for one header line is 1 KiB, its large
@@ -102,24 +103,9 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
 /// `MAX_CONNECTIONS`, or fewer when the soft limit on open files would be hit
 /// first (the exporter needs a few descriptors of its own).
 fn connection_limit() -> usize {
-    let soft = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|text| parse_open_files_limit(&text));
-    match soft {
+    match process::open_files_limit() {
         Some(n) => MAX_CONNECTIONS.min(n.saturating_sub(32).max(16)),
         None => MAX_CONNECTIONS,
-    }
-}
-
-fn parse_open_files_limit(limits: &str) -> Option<usize> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line
-        .trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?;
-    match soft {
-        "unlimited" => Some(usize::MAX),
-        n => n.parse().ok(),
     }
 }
 
@@ -320,16 +306,22 @@ struct Answer {
 enum Body {
     Static(&'static [u8]),
     Owned(Vec<u8>),
-    Shared(Arc<Vec<u8>>),
+    /// /metrics: the last collection's rendering, then the process series; sent
+    /// as they are, without copying them into one buffer.
+    Metrics(Arc<Vec<u8>>, Arc<Vec<u8>>),
 }
 
 impl Body {
-    fn bytes(&self) -> &[u8] {
+    fn parts(&self) -> [&[u8]; 2] {
         match self {
-            Body::Static(b) => b,
-            Body::Owned(b) => b,
-            Body::Shared(b) => b,
+            Body::Static(b) => [b, &[]],
+            Body::Owned(b) => [b, &[]],
+            Body::Metrics(a, b) => [a, b],
         }
+    }
+
+    fn len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
     }
 }
 
@@ -631,7 +623,7 @@ fn route(head: &Head, metrics: &Metrics) -> Answer {
         b"/metrics" => Answer {
             status: 200,
             content_type: CONTENT_TYPE,
-            body: Body::Shared(metrics.rendered()),
+            body: Body::Metrics(metrics.rendered(), metrics.process_rendered()),
             allow: false,
         },
         b"/" => Answer {
@@ -682,7 +674,7 @@ fn response_head(answer: &Answer, close: bool) -> String {
         answer.status,
         reason(answer.status),
         answer.content_type,
-        answer.body.bytes().len()
+        answer.body.len()
     );
     if answer.allow {
         head.push_str("Allow: GET, HEAD\r\n");
@@ -702,36 +694,33 @@ fn write_answer(
 ) -> io::Result<()> {
     let deadline = Instant::now() + WRITE_TIMEOUT;
     let head = response_head(answer, close);
-    let body = if head_only {
-        &[][..]
+    let [body1, body2] = if head_only {
+        [&[][..], &[][..]]
     } else {
-        answer.body.bytes()
+        answer.body.parts()
     };
-    write_all_by(stream, head.as_bytes(), body, deadline)
+    write_all_by(stream, [head.as_bytes(), body1, body2], deadline)
 }
 
-/// Writes `first` then `second` with one deadline for both, whatever pace the
-/// client reads at; one `writev` each time, so a small answer (head and body)
-/// leaves in a single segment.
-fn write_all_by(
-    stream: &TcpStream,
-    mut first: &[u8],
-    mut second: &[u8],
-    deadline: Instant,
-) -> io::Result<()> {
-    while !first.is_empty() || !second.is_empty() {
+/// Writes the parts in order with one deadline for all, whatever pace the client
+/// reads at; one `writev` each time, so a small answer (head and body) leaves in
+/// a single segment.
+fn write_all_by(stream: &TcpStream, mut parts: [&[u8]; 3], deadline: Instant) -> io::Result<()> {
+    while parts.iter().any(|p| !p.is_empty()) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
         stream.set_write_timeout(Some(left))?;
-        let parts = [IoSlice::new(first), IoSlice::new(second)];
-        match (&*stream).write_vectored(&parts) {
+        let slices = parts.map(IoSlice::new);
+        match (&*stream).write_vectored(&slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                let from_first = n.min(first.len());
-                first = &first[from_first..];
-                second = &second[n - from_first..];
+            Ok(mut n) => {
+                for part in &mut parts {
+                    let taken = n.min(part.len());
+                    *part = &part[taken..];
+                    n -= taken;
+                }
             }
             Err(e) if is_retry(&e) => {}
             Err(e) => return Err(e),
@@ -857,15 +846,6 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\n\nrest"), Some(16));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
         assert_eq!(head_end(b"GET / HTTP/1.1"), None);
-    }
-
-    #[test]
-    fn open_files_limit_is_read_from_proc() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                    Max processes             63704                63704                processes \n\
-                    Max open files            1024                 524288               files     \n";
-        assert_eq!(parse_open_files_limit(text), Some(1024));
-        assert_eq!(parse_open_files_limit("nothing"), None);
     }
 
     #[test]

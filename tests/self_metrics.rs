@@ -1,7 +1,8 @@
 //! Issue 4: the exporter tells the truth about itself. Against the real shared
 //! Prefect server: every self-metric is there with the right type and a sensible
 //! value, `promtool check metrics` finds nothing but the five `_total` gauges the
-//! specification imposes, /healthz and /readyz answer, HEAD matches GET.
+//! specification imposes, /healthz and /readyz answer, HEAD matches GET; the
+//! `process_*` series follow the exporter's process.
 mod support;
 
 use std::io::Write;
@@ -237,4 +238,119 @@ fn server_version_retried_after_a_timeout_not_after_a_refusal() {
         .filter(|r| r.api_path() == "/admin/version")
         .count();
     assert_eq!(version_requests, 1, "asked once, then hourly");
+}
+
+/// A number from `/proc/PID/FILE`: the first value on the line starting with `key`.
+fn proc_value(pid: u32, file: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let value = line[key.len()..].split_whitespace().next()?;
+    if value == "unlimited" {
+        return Some(f64::INFINITY);
+    }
+    value.parse().ok()
+}
+
+/// The `process_*` series describe the exporter's own process as /proc sees it,
+/// and follow it: 24 idle connections show as 24 more descriptors and threads
+/// (one thread per connection), and go away again when closed. Needs no Prefect.
+#[test]
+fn process_metrics_follow_the_exporter_process() {
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        eprintln!("SKIPPED: no /proc");
+        return;
+    }
+    let before_start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let url = format!("http://127.0.0.1:{}/api", support::free_port());
+    let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
+    let pid = exp.pid();
+    let text = exp.metrics_text();
+    for (name, kind) in [
+        ("process_cpu_seconds_total", "counter"),
+        ("process_max_fds", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+        ("process_threads", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+    ] {
+        assert_eq!(type_of(&text, name), Some(kind), "{name}:\n{text}");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
+    }
+    let m = support::parse_metrics(&text);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // The boot time in /proc/stat is whole seconds: up to 1 s early.
+    let start = m["process_start_time_seconds"];
+    assert!(
+        (before_start - 2.0..=now).contains(&start),
+        "start {start}, spawned at {before_start}, now {now}"
+    );
+    assert_eq!(
+        Some(m["process_max_fds"]),
+        proc_value(pid, "limits", "Max open files"),
+        "soft limit on open files"
+    );
+    let rss = m["process_resident_memory_bytes"];
+    let kib = proc_value(pid, "status", "VmRSS:").expect("VmRSS");
+    assert!(
+        (rss - kib * 1024.0).abs() < 4e6 && rss > 1e6,
+        "rss {rss} vs VmRSS {kib} kB"
+    );
+    assert!(m["process_virtual_memory_bytes"] >= rss);
+    assert!(m["process_cpu_seconds_total"] >= 0.0);
+
+    // Idle connections: each is a descriptor and a thread in the exporter.
+    let base_fds = m["process_open_fds"];
+    let base_threads = m["process_threads"];
+    assert!(base_fds >= 3.0, "open fds {base_fds}");
+    assert!(base_threads >= 3.0, "threads {base_threads}");
+    const IDLE: usize = 24;
+    let idle: Vec<std::net::TcpStream> = (0..IDLE)
+        .map(|_| std::net::TcpStream::connect(exp.addr()).expect("connect"))
+        .collect();
+    let busy = exp.wait_for(
+        |m| {
+            m.get("process_open_fds") >= Some(&(base_fds + IDLE as f64))
+                && m.get("process_threads") >= Some(&(base_threads + IDLE as f64))
+        },
+        WAIT,
+    );
+    assert!(busy["process_cpu_seconds_total"] >= m["process_cpu_seconds_total"]);
+    drop(idle);
+    exp.wait_for(
+        |m| m.get("process_open_fds") < Some(&(base_fds + IDLE as f64 / 2.0)),
+        WAIT,
+    );
+
+    // The two-part body (collection, then process series) is one answer whose
+    // length the header tells right.
+    let get = exp.request("GET", "/metrics", &[]);
+    assert_eq!(
+        get.header("content-length"),
+        Some(get.body.len().to_string().as_str())
+    );
+    let last_line = get.body.trim_end_matches('\n').rsplit('\n').next();
+    assert!(
+        last_line.is_some_and(|l| l.starts_with("process_virtual_memory_bytes ")),
+        "the process series end the answer: {last_line:?}"
+    );
+    let head = exp.request("HEAD", "/metrics", &[]);
+    let head_len: usize = head
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .expect("HEAD content-length");
+    assert!(
+        head_len.abs_diff(get.body.len()) < 64,
+        "HEAD says {head_len}, GET sent {}",
+        get.body.len()
+    );
 }
