@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::process::{self, ProcessStats};
@@ -62,6 +63,7 @@ struct Series {
     server_info: IntGaugeVec,
     collector_success: IntGaugeVec,
     collector_duration: GaugeVec,
+    api_requests: IntCounterVec,
     breakdowns: Breakdowns,
 }
 
@@ -362,6 +364,15 @@ impl Metrics {
                 &["collector"],
             )
             .expect("valid metric definition"),
+            api_requests: IntCounterVec::new(
+                Opts::new(
+                    "prefect_exporter_api_requests_total",
+                    "Requests sent to the Prefect API, retries included, by HTTP status \
+                     (code=\"none\": no answer, e.g. timeout or refused connection).",
+                ),
+                &["code"],
+            )
+            .expect("valid metric definition"),
             breakdowns: Breakdowns::new(&registry),
         };
         let build_info = IntGaugeVec::new(
@@ -384,6 +395,7 @@ impl Metrics {
         register(&registry, &series.server_info);
         register(&registry, &series.collector_success);
         register(&registry, &series.collector_duration);
+        register(&registry, &series.api_requests);
         register(&registry, &build_info);
 
         let mut inner = Inner {
@@ -428,6 +440,9 @@ impl Metrics {
             s.collector_duration
                 .with_label_values(&[g.name])
                 .set(g.duration.as_secs_f64());
+        }
+        for (code, n) in &snap.requests {
+            s.api_requests.with_label_values(&[code]).inc_by(*n);
         }
         if let Some(v) = &snap.server_version {
             s.server_info.reset();
@@ -541,6 +556,11 @@ mod tests {
             deployments: None,
             work_pools: None,
             server_version: Some("3.9.1".into()),
+            requests: if seed.is_some() {
+                vec![("200".into(), 4)]
+            } else {
+                vec![("500".into(), 1), ("none".into(), 2)]
+            },
             duration: Duration::from_millis(15),
             finished: SystemTime::now(),
         }
@@ -615,6 +635,19 @@ mod tests {
         match m.readiness() {
             Readiness::NotReady(r) => assert!(r.contains("HTTP 500"), "{r}"),
             Readiness::Ready => panic!("must not be ready after a failure"),
+        }
+        // Request counts add up across collections, by code.
+        m.update(&snap(Some(COUNTS)));
+        let t = text(&m);
+        for (code, n) in [("200", 8.0), ("500", 1.0), ("none", 2.0)] {
+            assert_eq!(
+                value(
+                    &t,
+                    &format!("prefect_exporter_api_requests_total{{code=\"{code}\"}}")
+                ),
+                Some(n),
+                "{code}"
+            );
         }
     }
 

@@ -2,6 +2,7 @@
 //! (auth, JSON content type, timeouts bounded by the collection's deadline,
 //! retries, CSRF), so the collect groups only say *what* to ask.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -175,6 +176,9 @@ pub struct Client {
     csrf_allowed: bool,
     csrf: Csrf,
     csrf_client_id: String,
+    /// Requests sent since the last `take_request_counts`, by HTTP status; 0 for
+    /// those that got no answer (timeout, refused or reset connection, TLS).
+    sent: BTreeMap<u16, u64>,
 }
 
 /// A request the client may send: method, path below the API base, JSON body.
@@ -263,6 +267,7 @@ impl Client {
                 Csrf::Disabled
             },
             csrf_client_id: random_uuid(),
+            sent: BTreeMap::new(),
         })
     }
 
@@ -301,6 +306,22 @@ impl Client {
         decode(&call, &answer.body)
     }
 
+    /// Every request sent since the last call (retries and CSRF token fetches
+    /// included), by the `code` label of `prefect_exporter_api_requests_total`: the
+    /// HTTP status, or `none` when no answer came.
+    pub fn take_request_counts(&mut self) -> Vec<(String, u64)> {
+        std::mem::take(&mut self.sent)
+            .into_iter()
+            .map(|(status, n)| {
+                let code = match status {
+                    0 => "none".to_string(),
+                    s => s.to_string(),
+                };
+                (code, n)
+            })
+            .collect()
+    }
+
     /// Sends with retries, all inside `deadline`, and returns a 2xx answer.
     fn send(&mut self, call: &Call, deadline: Instant) -> Result<Answer, ApiError> {
         let what = format!("{} {}", call.method, call.path);
@@ -321,7 +342,10 @@ impl Client {
                 });
             }
             log::trace!("{what}");
-            match self.send_once(call, timeout) {
+            let outcome = self.send_once(call, timeout);
+            let status = outcome.as_ref().map_or(0, |a| a.status);
+            *self.sent.entry(status).or_insert(0) += 1;
+            match outcome {
                 Err(SendError::Reset(detail)) => {
                     // A keep-alive connection the server already closed: the
                     // request never ran, so one immediate retry is safe.

@@ -88,6 +88,8 @@ pub struct Snapshot {
     /// Prefect's own version, when the server tells it.
     pub server_version: Option<String>,
     pub groups: Vec<GroupOutcome>,
+    /// Requests sent to Prefect during the collection, by `code` label.
+    pub requests: Vec<(String, u64)>,
     pub duration: Duration,
     pub finished: SystemTime,
 }

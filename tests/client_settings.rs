@@ -352,6 +352,32 @@ fn bad_gateway_and_unavailable_are_retried_with_backoff() {
             second_gap >= Duration::from_millis(950),
             "{status}: backoff did not grow: {second_gap:?}"
         );
+        // The exporter counts every attempt by status: the two refusals among
+        // all that the stub received (its CSRF token endpoint answers 422, "disabled").
+        let m = first_collection(&exp);
+        let sent = |code: &str| {
+            m.get(&format!(
+                "prefect_exporter_api_requests_total{{code=\"{code}\"}}"
+            ))
+            .copied()
+        };
+        assert_eq!(sent(&status.to_string()), Some(2.0), "{status}");
+        assert_eq!(sent("422"), Some(1.0), "{status}: the CSRF token request");
+        let all: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("prefect_exporter_api_requests_total{"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(
+            all,
+            stub.requests().len() as f64,
+            "{status}: {:?}",
+            stub.requests()
+                .iter()
+                .map(|r| r.api_path().to_string())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(sent("none"), None);
     }
 }
 

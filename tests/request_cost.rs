@@ -204,7 +204,20 @@ fn counts_after_collection(exp: &Exporter, proxy: &CountingProxy) -> (f64, f64, 
             .unwrap_or(0.0);
         if now > start {
             let errors = m["prefect_exporter_collect_errors_total"];
-            return (now, errors, proxy.counts());
+            let counts = proxy.counts();
+            // The exporter's own count of its requests agrees with the proxy's
+            // (it is idle now: the next collection starts an interval later).
+            let own: f64 = m
+                .iter()
+                .filter(|(k, _)| k.starts_with("prefect_exporter_api_requests_total{"))
+                .map(|(_, v)| v)
+                .sum();
+            assert_eq!(
+                own,
+                total(&counts) as f64,
+                "prefect_exporter_api_requests_total vs the proxy's count {counts:?}"
+            );
+            return (now, errors, counts);
         }
         assert!(
             Instant::now() < deadline,

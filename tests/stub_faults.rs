@@ -35,7 +35,14 @@ fn assert_gauges(m: &HashMap<String, f64>, data: &StubData, exp: &Exporter, when
 /// Good data -> values; `fault` -> the counter rises by `rises`, the gauges keep the
 /// last good values on every scrape, /metrics answers 200 within `max_scrape`;
 /// good again (with one more Failed run) -> the new values and `prefect_up` 1.
-fn fault_cycle(fault: Mode, extra_env: &[(&str, &str)], rises: f64, max_scrape: Duration) {
+/// The faulty answers show in `prefect_exporter_api_requests_total{code=fault_code}`.
+fn fault_cycle(
+    fault: Mode,
+    fault_code: &str,
+    extra_env: &[(&str, &str)],
+    rises: f64,
+    max_scrape: Duration,
+) {
     let good = StubData::standard();
     let stub = Stub::start(Mode::Good(good.clone()));
     let url = stub.api_url();
@@ -68,6 +75,11 @@ fn fault_cycle(fault: Mode, extra_env: &[(&str, &str)], rises: f64, max_scrape: 
                 Some(0.0),
                 "prefect_up during the fault"
             );
+            let series = format!("prefect_exporter_api_requests_total{{code=\"{fault_code}\"}}");
+            assert!(
+                m.get(&series).is_some_and(|v| *v >= rises),
+                "{series} during the fault: {body}"
+            );
             break;
         }
         assert!(
@@ -91,18 +103,19 @@ fn fault_cycle(fault: Mode, extra_env: &[(&str, &str)], rises: f64, max_scrape: 
 
 #[test]
 fn status_500_keeps_last_values_and_counts_errors() {
-    fault_cycle(Mode::Status(500), &[], 2.0, Duration::from_secs(1));
+    fault_cycle(Mode::Status(500), "500", &[], 2.0, Duration::from_secs(1));
 }
 
 #[test]
 fn garbage_body_keeps_last_values_and_counts_errors() {
-    fault_cycle(Mode::Garbage, &[], 2.0, Duration::from_secs(1));
+    fault_cycle(Mode::Garbage, "200", &[], 2.0, Duration::from_secs(1));
 }
 
 #[test]
 fn hang_past_the_timeout_never_blocks_metrics() {
     fault_cycle(
         Mode::Hang,
+        "none",
         &[
             ("PREFECT_API_REQUEST_TIMEOUT", "1"),
             ("EXPORTER_INTERVAL", "1"),

@@ -112,6 +112,7 @@ pub fn collect_all(
         work_pools,
         server_version: state.server_version.clone(),
         groups,
+        requests: client.take_request_counts(),
         duration: started.elapsed(),
         finished: SystemTime::now(),
     };
