@@ -227,62 +227,64 @@ fn int_gauge(name: &str, help: &str) -> IntGauge {
 /// The exposition text of a reading; the fields that could not be read are left
 /// out.
 fn render_process(stats: &ProcessStats) -> Vec<u8> {
+    let int = |v: Option<u64>| v.map(|v| v.to_string());
+    let float = |v: Option<f64>| v.map(|v| v.to_string());
+    let max_fds = stats.max_fds.map(|v| match v {
+        v if v == usize::MAX as u64 => "+Inf".to_string(),
+        v => v.to_string(),
+    });
+    let families = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            float(stats.cpu_seconds),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            int(stats.open_fds),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            int(stats.resident_bytes),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            float(stats.start_time_seconds),
+        ),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            int(stats.threads),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            int(stats.virtual_bytes),
+        ),
+    ];
     let mut out = String::with_capacity(1024);
-    let mut family = |name: &str, kind: &str, help: &str, value: Option<String>| {
+    for (name, kind, help, value) in families {
         if let Some(v) = value {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
             ));
         }
-    };
-    family(
-        "process_cpu_seconds_total",
-        "counter",
-        "Total user and system CPU time spent in seconds.",
-        stats.cpu_seconds.map(|v| v.to_string()),
-    );
-    family(
-        "process_max_fds",
-        "gauge",
-        "Maximum number of open file descriptors.",
-        stats.max_fds.map(|v| {
-            if v == usize::MAX as u64 {
-                "+Inf".to_string()
-            } else {
-                v.to_string()
-            }
-        }),
-    );
-    family(
-        "process_open_fds",
-        "gauge",
-        "Number of open file descriptors.",
-        stats.open_fds.map(|v| v.to_string()),
-    );
-    family(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size in bytes.",
-        stats.resident_bytes.map(|v| v.to_string()),
-    );
-    family(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process since unix epoch in seconds.",
-        stats.start_time_seconds.map(|v| v.to_string()),
-    );
-    family(
-        "process_threads",
-        "gauge",
-        "Number of OS threads in the process.",
-        stats.threads.map(|v| v.to_string()),
-    );
-    family(
-        "process_virtual_memory_bytes",
-        "gauge",
-        "Virtual memory size in bytes.",
-        stats.virtual_bytes.map(|v| v.to_string()),
-    );
+    }
     out.into_bytes()
 }
 

@@ -363,11 +363,7 @@ fn bad_gateway_and_unavailable_are_retried_with_backoff() {
         };
         assert_eq!(sent(&status.to_string()), Some(2.0), "{status}");
         assert_eq!(sent("422"), Some(1.0), "{status}: the CSRF token request");
-        let all: f64 = m
-            .iter()
-            .filter(|(k, _)| k.starts_with("prefect_exporter_api_requests_total{"))
-            .map(|(_, v)| v)
-            .sum();
+        let all = support::family_sum(&m, "prefect_exporter_api_requests_total");
         assert_eq!(
             all,
             stub.requests().len() as f64,

@@ -207,11 +207,7 @@ fn counts_after_collection(exp: &Exporter, proxy: &CountingProxy) -> (f64, f64, 
             let counts = proxy.counts();
             // The exporter's own count of its requests agrees with the proxy's
             // (it is idle now: the next collection starts an interval later).
-            let own: f64 = m
-                .iter()
-                .filter(|(k, _)| k.starts_with("prefect_exporter_api_requests_total{"))
-                .map(|(_, v)| v)
-                .sum();
+            let own = support::family_sum(&m, "prefect_exporter_api_requests_total");
             assert_eq!(
                 own,
                 total(&counts) as f64,

@@ -46,6 +46,24 @@ fn type_of<'a>(text: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// Each family has its `# TYPE` (of that kind) and a `# HELP`.
+fn assert_declared(text: &str, families: &[(&str, &str)]) {
+    for &(name, kind) in families {
+        assert_eq!(type_of(text, name), Some(kind), "{name}:\n{text}");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
+    }
+}
+
 #[test]
 fn self_metrics_on_a_real_server() {
     support::require_prefect!();
@@ -61,27 +79,21 @@ fn self_metrics_on_a_real_server() {
     );
     let text = exp.metrics_text();
 
-    for (name, kind) in [
-        ("prefect_up", "gauge"),
-        ("prefect_exporter_last_success_timestamp_seconds", "gauge"),
-        ("prefect_exporter_collect_duration_seconds", "gauge"),
-        ("prefect_exporter_collections_total", "counter"),
-        ("prefect_exporter_collect_errors_total", "counter"),
-        ("prefect_exporter_build_info", "gauge"),
-        ("prefect_server_info", "gauge"),
-        ("prefect_exporter_collector_success", "gauge"),
-        ("prefect_exporter_collector_duration_seconds", "gauge"),
-    ] {
-        assert_eq!(type_of(&text, name), Some(kind), "{name}:\n{text}");
-        assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "{name} has no HELP"
-        );
-    }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    assert_declared(
+        &text,
+        &[
+            ("prefect_up", "gauge"),
+            ("prefect_exporter_last_success_timestamp_seconds", "gauge"),
+            ("prefect_exporter_collect_duration_seconds", "gauge"),
+            ("prefect_exporter_collections_total", "counter"),
+            ("prefect_exporter_collect_errors_total", "counter"),
+            ("prefect_exporter_build_info", "gauge"),
+            ("prefect_server_info", "gauge"),
+            ("prefect_exporter_collector_success", "gauge"),
+            ("prefect_exporter_collector_duration_seconds", "gauge"),
+        ],
+    );
+    let now = unix_now();
     let last = m["prefect_exporter_last_success_timestamp_seconds"];
     assert!(
         (now - 30.0..=now + 1.0).contains(&last),
@@ -260,34 +272,25 @@ fn process_metrics_follow_the_exporter_process() {
         eprintln!("SKIPPED: no /proc");
         return;
     }
-    let before_start = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let before_start = unix_now();
     let url = format!("http://127.0.0.1:{}/api", support::free_port());
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
     let pid = exp.pid();
     let text = exp.metrics_text();
-    for (name, kind) in [
-        ("process_cpu_seconds_total", "counter"),
-        ("process_max_fds", "gauge"),
-        ("process_open_fds", "gauge"),
-        ("process_resident_memory_bytes", "gauge"),
-        ("process_start_time_seconds", "gauge"),
-        ("process_threads", "gauge"),
-        ("process_virtual_memory_bytes", "gauge"),
-    ] {
-        assert_eq!(type_of(&text, name), Some(kind), "{name}:\n{text}");
-        assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "{name} has no HELP"
-        );
-    }
+    assert_declared(
+        &text,
+        &[
+            ("process_cpu_seconds_total", "counter"),
+            ("process_max_fds", "gauge"),
+            ("process_open_fds", "gauge"),
+            ("process_resident_memory_bytes", "gauge"),
+            ("process_start_time_seconds", "gauge"),
+            ("process_threads", "gauge"),
+            ("process_virtual_memory_bytes", "gauge"),
+        ],
+    );
     let m = support::parse_metrics(&text);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let now = unix_now();
     // The boot time in /proc/stat is whole seconds: up to 1 s early.
     let start = m["process_start_time_seconds"];
     assert!(

@@ -1448,6 +1448,15 @@ fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
 
 /// Parses the text exposition format into `series -> value`, where the series is
 /// the metric name with its labels exactly as printed (`name{a="x",b="y"}`).
+/// The sum of every series of a labelled family in a parsed scrape.
+pub fn family_sum(m: &HashMap<String, f64>, family: &str) -> f64 {
+    let prefix = format!("{family}{{");
+    m.iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
     let mut out = HashMap::new();
     for line in text.lines() {
