@@ -49,25 +49,8 @@ struct Worker {
 
 pub fn collect(client: &mut Client, deadline: Instant) -> Result<WorkPoolsPart, ApiError> {
     let count: u64 = client.post("/work_pools/count", &Empty {}, deadline)?;
-    let mut pools: Vec<Pool> = Vec::new();
-    let mut offset = 0;
     // Pools are listed by name, which is unique: pages neither overlap nor skip.
-    while offset < count as usize {
-        let page: Vec<Pool> = client.post(
-            "/work_pools/filter",
-            &Page {
-                limit: PAGE,
-                offset,
-            },
-            deadline,
-        )?;
-        let short = page.len() < PAGE;
-        pools.extend(page);
-        offset += PAGE;
-        if short {
-            break;
-        }
-    }
+    let pools: Vec<Pool> = all_pages(client, "/work_pools/filter", Some(count), deadline)?;
     let mut out = Vec::with_capacity(pools.len());
     for pool in pools {
         let workers = list_workers(client, &pool.name, deadline)?;
@@ -82,11 +65,22 @@ fn list_workers(
     deadline: Instant,
 ) -> Result<Vec<Worker>, ApiError> {
     let path = format!("/work_pools/{}/workers/filter", encode_segment(pool));
+    all_pages(client, &path, None, deadline)
+}
+
+/// Every page of a listing, 200 at a time, until a short page or, when the
+/// total is known, until it is reached.
+fn all_pages<T: serde::de::DeserializeOwned>(
+    client: &mut Client,
+    path: &str,
+    total: Option<u64>,
+    deadline: Instant,
+) -> Result<Vec<T>, ApiError> {
     let mut out = Vec::new();
     let mut offset = 0;
-    loop {
-        let page: Vec<Worker> = client.post(
-            &path,
+    while total.is_none_or(|t| (offset as u64) < t) {
+        let page: Vec<T> = client.post(
+            path,
             &Page {
                 limit: PAGE,
                 offset,
@@ -96,10 +90,11 @@ fn list_workers(
         let short = page.len() < PAGE;
         out.extend(page);
         if short {
-            return Ok(out);
+            break;
         }
         offset += PAGE;
     }
+    Ok(out)
 }
 
 fn pool_series(pool: Pool, workers: &[Worker], now: f64) -> WorkPoolSeries {
