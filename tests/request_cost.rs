@@ -597,6 +597,13 @@ fn late_runs_cost_one_page_per_200_and_stop_at_the_cap() {
         200.0
     );
     assert_eq!(m["prefect_up"], 1.0, "{}", exp_capped.stderr());
+    let log = exp_capped.stderr();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("EXPORTER_MAX_LISTED_RUNS"))
+        .count();
+    assert_eq!(warnings, 1, "the cap is logged once:\n{log}");
+    assert!(!exp.stderr().contains("EXPORTER_MAX_LISTED_RUNS"));
 }
 
 /// Each named deployment of the flow "etl" has `late` late runs, the

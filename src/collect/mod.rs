@@ -33,6 +33,28 @@ pub struct State {
     /// The deployments of the last good listing: names for the runs in
     /// progress and the deployment limits, bounded by EXPORTER_MAX_DEPLOYMENTS.
     directory: Vec<DeploymentSeries>,
+    /// Whether the cap on listed late runs / runs in progress was logged.
+    late_cap_warned: bool,
+    active_cap_warned: bool,
+}
+
+/// One WARN line when a listing first hits EXPORTER_MAX_LISTED_RUNS, one INFO
+/// line when it fits again: the series say it at every collection.
+fn log_cap(warned: &mut bool, capped: Option<bool>, what: &str, max: usize) {
+    match capped {
+        Some(true) if !*warned => {
+            log::warn!(
+                "more than {max} {what}: only the first {max} are counted per deployment \
+                 (EXPORTER_MAX_LISTED_RUNS)"
+            );
+            *warned = true;
+        }
+        Some(false) if *warned => {
+            log::info!("{what} fit in EXPORTER_MAX_LISTED_RUNS again");
+            *warned = false;
+        }
+        _ => {}
+    }
 }
 
 /// The late-run listing, asked for once per collection by the first group
@@ -192,6 +214,17 @@ pub fn collect_all(
         active_flow_runs,
         concurrency_limits,
     };
+
+    let max = config.max_listed_runs;
+    let late_capped = ops.late_runs.map(|l| l.capped);
+    log_cap(&mut state.late_cap_warned, late_capped, "late runs", max);
+    let active_capped = ops.active_flow_runs.as_ref().map(|a| a.capped);
+    log_cap(
+        &mut state.active_cap_warned,
+        active_capped,
+        "runs in progress",
+        max,
+    );
 
     let snapshot = Snapshot {
         seed,
