@@ -101,6 +101,24 @@ fn operator_series_equal_the_seeded_server() {
         ("EXPORTER_INTERVAL", "2"),
     ]);
     let m = exp.wait_for(|m| groups_ok(m, GROUPS), WAIT);
+    let ops_prefixes = [
+        "prefect_late_flow_runs",
+        "prefect_work_queue",
+        "prefect_deployment_active_flow_runs",
+        "prefect_deployment_oldest_active",
+        "prefect_active_flow_runs",
+        "prefect_concurrency_limit",
+        "prefect_work_pool_concurrency_limit",
+        "prefect_work_pool_active_slots",
+    ];
+    let ops_series = m
+        .keys()
+        .filter(|k| ops_prefixes.iter().any(|p| k.starts_with(p)))
+        .count();
+    eprintln!(
+        "seeded server: {} series on /metrics, {ops_series} of them from the operator groups",
+        m.len()
+    );
 
     // Late-run summary: the exact total, all listed, no cap hit.
     let late_total = support::sum_names(&expected.by_state, &["Late"]) as f64;

@@ -406,12 +406,17 @@ pub fn directory(
 ) -> Result<Vec<DeploymentSeries>, ApiError> {
     let listed = list_deployments(client, max, deadline)?;
     resolve_flow_names(client, &listed, &mut state.flow_names, deadline)?;
-    Ok(build_items(
+    let items = build_items(
         &listed,
         &state.flow_names,
         &LastRuns::default(),
         &HashMap::new(),
-    ))
+    );
+    let flow_ids: HashSet<&str> = listed.iter().map(|d| d.flow_id.as_str()).collect();
+    state
+        .flow_names
+        .retain(|id, _| flow_ids.contains(id.as_str()));
+    Ok(items)
 }
 
 fn build_items(
