@@ -22,6 +22,7 @@ pub const DEFAULT_MAX_RETRIES: u32 = 5;
 pub const PREFECT_CLOUD_API_URL: &str = "https://api.prefect.cloud/";
 pub const DEFAULT_LOOKBACK_SECS: u64 = 7 * 86_400;
 pub const DEFAULT_MAX_DEPLOYMENTS: usize = 1000;
+pub const DEFAULT_MAX_LISTED_RUNS: usize = 1000;
 
 /// Every variable the exporter reads, with its default and meaning: the single
 /// source for `--help` and the README table.
@@ -115,7 +116,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     (
         "EXPORTER_COLLECTORS",
-        "flow_runs,deployments,work_pools",
+        "flow_runs,deployments,work_pools,work_queues,active_flow_runs,concurrency_limits",
         "comma-separated breakdown groups (the six specified metrics are always collected)",
     ),
     (
@@ -127,6 +128,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "EXPORTER_MAX_DEPLOYMENTS",
         "1000",
         "most deployments that get per-deployment series (the newest created first)",
+    ),
+    (
+        "EXPORTER_MAX_LISTED_RUNS",
+        "1000",
+        "most late runs, and most runs in progress, listed per collection (200 per request); past it the series say so",
     ),
 ];
 
@@ -166,6 +172,8 @@ pub struct Config {
     pub lookback: Duration,
     /// Cap on the deployments that get per-deployment series.
     pub max_deployments: usize,
+    /// Cap on the late runs and on the runs in progress listed per collection.
+    pub max_listed_runs: usize,
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -176,6 +184,9 @@ pub struct Collectors {
     pub flow_runs: bool,
     pub deployments: bool,
     pub work_pools: bool,
+    pub work_queues: bool,
+    pub active_flow_runs: bool,
+    pub concurrency_limits: bool,
 }
 
 impl Default for Collectors {
@@ -184,6 +195,9 @@ impl Default for Collectors {
             flow_runs: true,
             deployments: true,
             work_pools: true,
+            work_queues: true,
+            active_flow_runs: true,
+            concurrency_limits: true,
         }
     }
 }
@@ -196,6 +210,9 @@ impl Collectors {
             (self.flow_runs, "flow_runs"),
             (self.deployments, "deployments"),
             (self.work_pools, "work_pools"),
+            (self.work_queues, "work_queues"),
+            (self.active_flow_runs, "active_flow_runs"),
+            (self.concurrency_limits, "concurrency_limits"),
         ] {
             if on {
                 out.push(name);
@@ -458,6 +475,15 @@ impl Config {
             None => DEFAULT_MAX_DEPLOYMENTS,
         };
 
+        let max_listed_runs = match get("EXPORTER_MAX_LISTED_RUNS") {
+            Some(v) => parse_positive_int(
+                "EXPORTER_MAX_LISTED_RUNS",
+                &v,
+                "expected a whole number of runs, at least 1",
+            )? as usize,
+            None => DEFAULT_MAX_LISTED_RUNS,
+        };
+
         Ok(Config {
             api_url,
             auth,
@@ -478,6 +504,7 @@ impl Config {
             collectors,
             lookback,
             max_deployments,
+            max_listed_runs,
             warnings,
         })
     }
@@ -505,7 +532,7 @@ impl fmt::Display for Config {
             "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
              ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
              interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
-             max_deployments={}",
+             max_deployments={} max_listed_runs={}",
             self.api_url,
             auth,
             self.request_timeout.as_secs_f64(),
@@ -530,6 +557,7 @@ impl fmt::Display for Config {
             self.collectors.names().join(","),
             self.lookback.as_secs(),
             self.max_deployments,
+            self.max_listed_runs,
         )
     }
 }
@@ -687,18 +715,25 @@ fn parse_collectors(v: &str) -> Result<Collectors, ConfigError> {
         flow_runs: false,
         deployments: false,
         work_pools: false,
+        work_queues: false,
+        active_flow_runs: false,
+        concurrency_limits: false,
     };
     for name in parse_name_list(v) {
         match name.to_ascii_lowercase().as_str() {
             "flow_runs" => c.flow_runs = true,
             "deployments" => c.deployments = true,
             "work_pools" => c.work_pools = true,
+            "work_queues" => c.work_queues = true,
+            "active_flow_runs" => c.active_flow_runs = true,
+            "concurrency_limits" => c.concurrency_limits = true,
             "seed" => {}
             _ => {
                 return Err(invalid(
                     "EXPORTER_COLLECTORS",
                     v.to_string(),
-                    "expected a comma list of flow_runs, deployments, work_pools",
+                    "expected a comma list of flow_runs, deployments, work_pools, work_queues, \
+                     active_flow_runs, concurrency_limits",
                 ))
             }
         }
@@ -814,13 +849,20 @@ mod tests {
             Collectors {
                 flow_runs: false,
                 deployments: true,
-                work_pools: false
+                work_pools: false,
+                work_queues: false,
+                active_flow_runs: false,
+                concurrency_limits: false,
             }
         );
         assert_eq!(c.collectors.names(), vec!["deployments"]);
         let c = parse(&[("EXPORTER_COLLECTORS", "seed")]).unwrap();
         assert!(c.collectors.names().is_empty());
-        let c = parse(&[("EXPORTER_COLLECTORS", "work_pools,flow_runs,deployments")]).unwrap();
+        let c = parse(&[(
+            "EXPORTER_COLLECTORS",
+            "work_pools,flow_runs,deployments,concurrency_limits,active_flow_runs,work_queues",
+        )])
+        .unwrap();
         assert_eq!(c.collectors, Collectors::default());
         for v in ["flowruns", "flow_runs,pools", "all"] {
             assert_eq!(
@@ -851,6 +893,19 @@ mod tests {
                 err_var(&[("EXPORTER_LOOKBACK", v)]),
                 "EXPORTER_LOOKBACK",
                 "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_listed_runs_is_a_positive_count() {
+        assert_eq!(parse(&[]).unwrap().max_listed_runs, 1000);
+        let c = parse(&[("EXPORTER_MAX_LISTED_RUNS", "200")]).unwrap();
+        assert_eq!(c.max_listed_runs, 200);
+        for v in ["0", "-5", "many"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_MAX_LISTED_RUNS", v)]),
+                "EXPORTER_MAX_LISTED_RUNS"
             );
         }
     }

@@ -11,6 +11,8 @@ use prometheus::{
     TextEncoder,
 };
 
+mod ops;
+
 use crate::process::{self, ProcessStats};
 use crate::snapshot::{DeploymentsPart, Snapshot, StateCount, WorkPoolsPart, TRACKED_END_STATES};
 
@@ -65,6 +67,7 @@ struct Series {
     collector_duration: GaugeVec,
     api_requests: IntCounterVec,
     breakdowns: Breakdowns,
+    ops: ops::OpsSeries,
 }
 
 /// The series of the optional groups (issue 5). Vectors without children are
@@ -376,6 +379,7 @@ impl Metrics {
             )
             .expect("valid metric definition"),
             breakdowns: Breakdowns::new(&registry),
+            ops: ops::OpsSeries::new(&registry),
         };
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -480,6 +484,10 @@ impl Metrics {
         if let Some(part) = &snap.work_pools {
             b.apply_work_pools(part);
         }
+        inner.series.ops.apply(&snap.ops);
+        if let Some(part) = &snap.work_pools {
+            inner.series.ops.apply_pool_limits(part);
+        }
         inner.readiness = match (ok, snap.first_error()) {
             (true, _) => Readiness::Ready,
             (false, Some(e)) => Readiness::NotReady(format!("last collection failed: {e}")),
@@ -557,6 +565,7 @@ mod tests {
             flow_runs: None,
             deployments: None,
             work_pools: None,
+            ops: Default::default(),
             server_version: Some("3.9.1".into()),
             requests: if seed.is_some() {
                 vec![("200".into(), 4)]
@@ -681,6 +690,7 @@ mod tests {
             items: names
                 .iter()
                 .map(|n| DeploymentSeries {
+                    id: format!("id-{n}"),
                     name: n.to_string(),
                     flow: "etl".into(),
                     work_pool: String::new(),
@@ -754,6 +764,8 @@ mod tests {
                 paused: true,
                 workers: vec![("OFFLINE".into(), 0), ("ONLINE".into(), 1)],
                 last_heartbeat_age: Some(2.5),
+                concurrency_limit: Some(5),
+                active_slots: None,
             }],
         };
         m.update(&breakdown_snap(

@@ -4,6 +4,9 @@
 
 use std::time::{Duration, SystemTime};
 
+mod ops;
+pub use ops::*;
+
 /// The six specified values (the error counter lives in `Metrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeedCounts {
@@ -29,6 +32,8 @@ pub const TRACKED_END_STATES: [&str; 3] = ["COMPLETED", "FAILED", "CRASHED"];
 /// alone is only unique within its flow).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeploymentSeries {
+    /// Prefect's id: joins the runs in progress and the deployment limits.
+    pub id: String,
     pub name: String,
     pub flow: String,
     /// Empty when the deployment has no work pool.
@@ -60,6 +65,9 @@ pub struct WorkPoolSeries {
     pub workers: Vec<(String, u64)>,
     /// Seconds since the newest worker heartbeat, when a worker ever beat.
     pub last_heartbeat_age: Option<f64>,
+    /// The pool's limit and slots in use, when the answer carries them.
+    pub concurrency_limit: Option<u64>,
+    pub active_slots: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -85,6 +93,8 @@ pub struct Snapshot {
     pub flow_runs: Option<Vec<StateCount>>,
     pub deployments: Option<DeploymentsPart>,
     pub work_pools: Option<WorkPoolsPart>,
+    /// Work queues, runs in progress, concurrency limits, late-run summary.
+    pub ops: OpsParts,
     /// Prefect's own version, when the server tells it.
     pub server_version: Option<String>,
     pub groups: Vec<GroupOutcome>,

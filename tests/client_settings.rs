@@ -58,10 +58,12 @@ fn assert_stub_values(m: &HashMap<String, f64>, data: &StubData, exp: &Exporter)
     );
 }
 
+/// The seed group's counts (the late-run count of the breakdown groups, issue
+/// 13, is another group's request).
 fn count_requests(stub: &Stub) -> Vec<Request> {
     stub.requests()
         .into_iter()
-        .filter(|r| r.api_path() == "/flow_runs/count")
+        .filter(|r| r.api_path() == "/flow_runs/count" && !r.body_str().contains("\"Late\""))
         .collect()
 }
 

@@ -322,6 +322,25 @@ fn dashboard_is_valid_and_every_query_uses_the_datasource_variable() {
         "prefect_deployment_last_run_timestamp_seconds",
         "prefect_deployment_late_flow_runs",
         "prefect_work_pool_workers",
+        // Issue 13: every operator series has a panel.
+        "prefect_late_flow_runs{",
+        "prefect_late_flow_runs_listed",
+        "prefect_late_flow_runs_capped",
+        "prefect_work_queues{",
+        "prefect_work_queue_info",
+        "prefect_work_queue_last_polled_timestamp_seconds",
+        "prefect_work_queue_late_flow_runs",
+        "prefect_work_queue_concurrency_limit",
+        "prefect_work_queue_active_slots",
+        "prefect_deployment_active_flow_runs",
+        "prefect_deployment_oldest_active_flow_run_timestamp_seconds",
+        "prefect_active_flow_runs_listed",
+        "prefect_active_flow_runs_capped",
+        "prefect_concurrency_limit_slots",
+        "prefect_concurrency_limit_active_slots",
+        "prefect_concurrency_limit_enabled",
+        "prefect_work_pool_concurrency_limit",
+        "prefect_work_pool_active_slots",
     ] {
         assert!(all.contains(metric), "no panel queries {metric}");
     }

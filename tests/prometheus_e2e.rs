@@ -70,6 +70,25 @@ const FAMILIES: &[&str] = &[
     "prefect_work_pool_info",
     "prefect_work_pool_workers",
     "prefect_work_pool_last_heartbeat_age_seconds",
+    // Issue 13: the operator groups.
+    "prefect_late_flow_runs",
+    "prefect_late_flow_runs_listed",
+    "prefect_late_flow_runs_capped",
+    "prefect_work_queues",
+    "prefect_work_queue_info",
+    "prefect_work_queue_last_polled_timestamp_seconds",
+    "prefect_work_queue_late_flow_runs",
+    "prefect_work_queue_concurrency_limit",
+    "prefect_work_queue_active_slots",
+    "prefect_deployment_active_flow_runs",
+    "prefect_deployment_oldest_active_flow_run_timestamp_seconds",
+    "prefect_active_flow_runs_listed",
+    "prefect_active_flow_runs_capped",
+    "prefect_concurrency_limit_slots",
+    "prefect_concurrency_limit_active_slots",
+    "prefect_concurrency_limit_enabled",
+    "prefect_work_pool_concurrency_limit",
+    "prefect_work_pool_active_slots",
 ];
 
 const EXPORTER_WAIT: Duration = Duration::from_secs(30);

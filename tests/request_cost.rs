@@ -2,7 +2,12 @@
 //! run history. A counting pass-through proxy sits between the exporter and a
 //! REAL Prefect server; the per-collection counts (per path) with 100 runs in
 //! history (3 of them late) must equal those with 2,000 (303 of them late:
-//! more than a page of 200).
+//! more than a page of 200), except for the late-run listing, which costs one
+//! page per 200 late runs (issue 16).
+//!
+//! Issues 13 and 16: with 100 deployments each holding 3 late runs, a steady
+//! collection sends at most 3 requests more than with none late, and past the
+//! listing cap (EXPORTER_MAX_LISTED_RUNS) it sends no more, and says so.
 mod support;
 
 #[allow(dead_code)]
@@ -24,7 +29,8 @@ type Counts = BTreeMap<String, u64>;
 
 /// A tiny HTTP/1.1 forwarder: one request per client connection (answered with
 /// `connection: close`), forwarded to the upstream, counted as `METHOD /path`
-/// (below /api, without the query).
+/// (below /api, without the query), the run listings and counts by their
+/// purpose (see [`purpose`]).
 struct CountingProxy {
     port: u16,
     counts: Arc<Mutex<Counts>>,
@@ -84,6 +90,21 @@ impl Drop for CountingProxy {
     }
 }
 
+/// The run listings and counts of different groups share a path: tell the
+/// late-run ones (a state-name filter on Late) and the runs in progress
+/// (PENDING and RUNNING) apart.
+fn purpose(path: &str, body: &str) -> &'static str {
+    if !path.starts_with("/flow_runs/") {
+        ""
+    } else if body.contains(r#""name":{"any_":["Late"]}"#) && !body.contains("deployment_id") {
+        " (late)"
+    } else if body.contains(r#""type":{"any_":["PENDING","RUNNING"]}"#) {
+        " (active)"
+    } else {
+        ""
+    }
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -135,10 +156,11 @@ fn forward(
     }
     let path = target.split('?').next().unwrap_or_default();
     let path = path.strip_prefix("/api").unwrap_or(path);
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]);
     *counts
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .entry(format!("{method} {path}"))
+        .entry(format!("{method} {path}{}", purpose(path, &body)))
         .or_insert(0) += 1;
 
     let mut up = TcpStream::connect(("127.0.0.1", upstream_port)).map_err(|e| e.to_string())?;
@@ -302,10 +324,17 @@ fn history(n: usize, late: usize) -> Vec<(&'static str, &'static str)> {
 }
 
 fn spawn(proxy: &CountingProxy) -> Exporter {
-    Exporter::spawn(&[
-        ("PREFECT_API_URL", &proxy.api_url()),
+    spawn_with(proxy, &[])
+}
+
+fn spawn_with(proxy: &CountingProxy, extra: &[(&str, &str)]) -> Exporter {
+    let url = proxy.api_url();
+    let mut envs = vec![
+        ("PREFECT_API_URL", url.as_str()),
         ("EXPORTER_INTERVAL", INTERVAL),
-    ])
+    ];
+    envs.extend_from_slice(extra);
+    Exporter::spawn(&envs)
 }
 
 fn add_runs(api: &Api, deployments: &[String], runs: &[(&str, &str)]) {
@@ -335,11 +364,19 @@ fn steady_state_requests_do_not_grow_with_history() {
         .collect();
     // A deployment without runs: its late-run series is 0 throughout.
     api.create_deployment(&flow, "idle", Some("pool-a"));
+    api.create_global_limit("db", 4, true, 1);
 
-    // 100 runs in history, 1 late per deployment.
-    add_runs(&api, &deployments, &history(97, 0));
+    // 100 runs in history, 1 late, 1 pending and 1 running per deployment.
+    add_runs(&api, &deployments, &history(91, 0));
     for d in &deployments {
-        api.create_flow_runs_bulk(d, &[("SCHEDULED", "Late")]);
+        api.create_flow_runs_bulk(
+            d,
+            &[
+                ("SCHEDULED", "Late"),
+                ("PENDING", "Pending"),
+                ("RUNNING", "Running"),
+            ],
+        );
     }
     let quiet = Instant::now();
     let proxy_small = CountingProxy::start(server.port());
@@ -385,17 +422,40 @@ fn steady_state_requests_do_not_grow_with_history() {
         "first collection of the new exporter at 2,000 runs: {} requests {first_big:?}",
         total(&first_big)
     );
-    assert_eq!(small, big_fresh, "100 vs 2,000 runs, new exporter");
-    assert_eq!(small, big_running, "100 vs 2,000 runs, running exporter");
-    // Sanity: every group was measured.
-    for path in [
-        "POST /flow_runs/count",
-        "POST /flow_runs/history",
-        "POST /flow_runs/filter",
-        "POST /deployments/filter",
-        "POST /work_pools/filter",
+    // Every path costs the same, except the late-run listing: one page per
+    // 200 late runs (3 late: 1 page; 303 late: 2 pages).
+    const LATE_PAGES: &str = "POST /flow_runs/filter (late)";
+    assert_eq!(small.get(LATE_PAGES), Some(&1), "{small:?}");
+    for (name, big) in [("new", &big_fresh), ("running", &big_running)] {
+        assert_eq!(big.get(LATE_PAGES), Some(&2), "{name} exporter: {big:?}");
+        let without = |c: &Counts| -> Counts {
+            c.iter()
+                .filter(|(k, _)| k.as_str() != LATE_PAGES)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        assert_eq!(
+            without(&small),
+            without(big),
+            "100 vs 2,000 runs, {name} exporter"
+        );
+    }
+    // Sanity: every group was measured; the new paths cost one request each.
+    for (path, n) in [
+        ("POST /flow_runs/count", None),
+        ("POST /flow_runs/count (late)", Some(1)),
+        ("POST /flow_runs/history", Some(1)),
+        ("POST /flow_runs/filter", Some(1)),
+        ("POST /flow_runs/filter (active)", Some(1)),
+        ("POST /deployments/filter", Some(1)),
+        ("POST /work_pools/filter", Some(1)),
+        ("POST /work_queues/filter", Some(1)),
+        ("POST /v2/concurrency_limits/filter", Some(1)),
     ] {
         assert!(small.contains_key(path), "{path} not seen: {small:?}");
+        if let Some(n) = n {
+            assert_eq!(small[path], n, "{path}: {small:?}");
+        }
     }
     // The first pass (new exporter) and the incremental passes (running
     // exporter) agree on every deployment's last-run times.
@@ -420,6 +480,130 @@ fn steady_state_requests_do_not_grow_with_history() {
     assert_eq!(m["prefect_up"], 1.0, "{}", exp_big.stderr());
     assert_late(&exp_big, &names, 101.0);
     assert_late(&exp_small, &names, 101.0);
+    for exp in [&exp_big, &exp_small] {
+        let m = exp.metrics();
+        for d in names {
+            for t in ["PENDING", "RUNNING"] {
+                let key = format!(
+                    "prefect_deployment_active_flow_runs{{deployment=\"{d}\",flow=\"etl\",state_type=\"{t}\"}}"
+                );
+                assert_eq!(m.get(&key), Some(&1.0), "{key}");
+            }
+        }
+        assert_eq!(m["prefect_late_flow_runs"], 303.0);
+        assert_eq!(
+            m.get("prefect_work_queue_late_flow_runs{work_pool=\"pool-a\",work_queue=\"default\"}"),
+            Some(&303.0)
+        );
+        assert_eq!(
+            m.get("prefect_concurrency_limit_active_slots{name=\"db\"}"),
+            Some(&1.0)
+        );
+    }
+}
+
+/// An incident: 100 deployments each get 3 late runs. The steady collection
+/// sends at most 3 requests more than with none late (1 count always; then 2
+/// pages for 300 runs), every late-run series is exact; with the cap at 200
+/// runs, one page only, and the cap series says so.
+#[test]
+fn late_runs_cost_one_page_per_200_and_stop_at_the_cap() {
+    support::require_prefect!();
+    let server = PrefectServer::start(ServerOptions::default());
+    let api = server.api();
+    let flow = api.create_flow("etl");
+    api.create_work_pool("pool-a", "process");
+    let deployments: Vec<(String, String)> = (0..100)
+        .map(|i| {
+            let name = format!("d{i:03}");
+            let id = api.create_deployment(&flow, &name, Some("pool-a"));
+            (name, id)
+        })
+        .collect();
+    // No run has ended: a collection is steady from the start.
+    let quiet = Instant::now()
+        .checked_sub(SETTLE)
+        .unwrap_or_else(Instant::now);
+    let proxy = CountingProxy::start(server.port());
+    let exp = spawn(&proxy);
+    let proxy_capped = CountingProxy::start(server.port());
+    let exp_capped = spawn_with(&proxy_capped, &[("EXPORTER_MAX_LISTED_RUNS", "200")]);
+    let measure = || {
+        thread::scope(|scope| {
+            let capped = scope.spawn(|| steady_counts(&exp_capped, &proxy_capped, quiet));
+            let full = steady_counts(&exp, &proxy, quiet);
+            (full, capped.join().expect("measuring the capped exporter"))
+        })
+    };
+    let (calm, calm_capped) = measure();
+    assert_eq!(calm, calm_capped, "no late run: the cap changes nothing");
+    assert_eq!(
+        calm.get("POST /flow_runs/count (late)"),
+        Some(&1),
+        "{calm:?}"
+    );
+    assert_eq!(calm.get("POST /flow_runs/filter (late)"), None, "{calm:?}");
+
+    for (_, id) in &deployments {
+        api.create_flow_runs_bulk(id, &[("SCHEDULED", "Late"); 3]);
+    }
+    assert_eq!(api.count_by_names(&["Late"]), 300);
+    let (incident, incident_capped) = measure();
+    eprintln!(
+        "per steady collection, no late run: {} requests {calm:?}",
+        total(&calm)
+    );
+    eprintln!(
+        "per steady collection, 300 late runs in 100 deployments: {} requests {incident:?}",
+        total(&incident)
+    );
+    eprintln!(
+        "the same, cap 200: {} requests {incident_capped:?}",
+        total(&incident_capped)
+    );
+    assert!(
+        total(&incident) <= total(&calm) + 3,
+        "{incident:?} vs {calm:?}"
+    );
+    assert_eq!(incident.get("POST /flow_runs/filter (late)"), Some(&2));
+    assert_eq!(total(&incident_capped), total(&calm) + 1);
+    assert_eq!(
+        incident_capped.get("POST /flow_runs/filter (late)"),
+        Some(&1)
+    );
+
+    let queue = "prefect_work_queue_late_flow_runs{work_pool=\"pool-a\",work_queue=\"default\"}";
+    let late = |name: &str| {
+        format!("prefect_deployment_late_flow_runs{{deployment=\"{name}\",flow=\"etl\"}}")
+    };
+    let m = exp.metrics();
+    for (name, _) in &deployments {
+        assert_eq!(m.get(&late(name)), Some(&3.0), "{name}");
+    }
+    assert_eq!(m["prefect_late_flow_runs"], 300.0);
+    assert_eq!(m["prefect_late_flow_runs_listed"], 300.0);
+    assert_eq!(m["prefect_late_flow_runs_capped"], 0.0);
+    assert_eq!(m[queue], 300.0);
+
+    // Past the cap: the exact total, 200 runs counted per deployment and
+    // queue, and the flag.
+    let m = exp_capped.metrics();
+    assert_eq!(m["prefect_late_flow_runs"], 300.0);
+    assert_eq!(m["prefect_late_flow_runs_listed"], 200.0);
+    assert_eq!(m["prefect_late_flow_runs_capped"], 1.0);
+    assert_eq!(m[queue], 200.0);
+    assert_eq!(
+        support::family_sum(&m, "prefect_deployment_late_flow_runs"),
+        200.0
+    );
+    assert_eq!(m["prefect_up"], 1.0, "{}", exp_capped.stderr());
+    let log = exp_capped.stderr();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("EXPORTER_MAX_LISTED_RUNS"))
+        .count();
+    assert_eq!(warnings, 1, "the cap is logged once:\n{log}");
+    assert!(!exp.stderr().contains("EXPORTER_MAX_LISTED_RUNS"));
 }
 
 /// Each named deployment of the flow "etl" has `late` late runs, the

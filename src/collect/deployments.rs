@@ -7,11 +7,9 @@
 //! EXPORTER_MAX_DEPLOYMENTS), E runs that ended since the previous collection
 //! (plus the overlap) and K deployments with at least one late run: 2 counts,
 //! ceil(N/200) listing pages, ceil(new flows/200) flow lookups (0 once the
-//! flows are known), max(1, ceil(E/200)) ended-run pages (at most `MAX_PAGES`,
-//! the rest at the next collection), and for the late runs max(1, ceil(K/200))
-//! pages of the deployments that have one (`POST /deployments/filter` with a
-//! `flow_runs` filter) plus one `POST /flow_runs/count` per such deployment
-//! that is shown (at most N). The number of late runs costs nothing.
+//! flows are known) and max(1, ceil(E/200)) ended-run pages (at most `MAX_PAGES`,
+//! the rest at the next collection). The late runs per deployment come from
+//! the shared listing of `late_runs.rs` (its cost is given there).
 //! Nothing here grows with the run history: the last-run times are kept between
 //! collections and only runs that ended since are asked for.
 //!
@@ -51,7 +49,6 @@ pub const OVERLAP: Duration = Duration::from_secs(30);
 /// Pages a pass may read per collection (10,000 runs), so that a long history
 /// is read over a few collections instead of failing the first one.
 pub const MAX_PAGES: usize = 50;
-const LATE: &str = "Late";
 
 /// What this group remembers between collections.
 #[derive(Default)]
@@ -162,16 +159,6 @@ struct RunFilter<'a> {
 }
 
 #[derive(Serialize)]
-struct LateDeployments {
-    flow_runs: LateRunsOnly,
-}
-
-#[derive(Serialize)]
-struct LateRunsOnly {
-    state: StateFilter<'static>,
-}
-
-#[derive(Serialize)]
 struct StateFilter<'a> {
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     state_type: Option<AnyOf<'a>>,
@@ -221,11 +208,6 @@ struct EndedRun {
     end_time: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct DeploymentId {
-    id: String,
-}
-
 pub struct Settings {
     pub lookback: Duration,
     pub max_deployments: usize,
@@ -235,6 +217,7 @@ pub fn collect(
     client: &mut Client,
     settings: &Settings,
     state: &mut State,
+    late: &HashMap<String, u64>,
     deadline: Instant,
 ) -> Result<DeploymentsPart, ApiError> {
     let flows: u64 = client.post("/flows/count", &Empty {}, deadline)?;
@@ -252,11 +235,10 @@ pub fn collect(
     let listed = list_deployments(client, wanted, deadline)?;
     resolve_flow_names(client, &listed, &mut state.flow_names, deadline)?;
     let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
-    let late = late_runs(client, &ids, deadline)?;
     // Last: it may use the time that is left.
     update_last_runs(client, settings.lookback, state, deadline)?;
 
-    let items = build_items(&listed, &state.flow_names, &state.last_runs, &late);
+    let items = build_items(&listed, &state.flow_names, &state.last_runs, late);
     // Forget what belongs to deleted deployments. When the cap cuts, a
     // deployment that is not listed may still exist: keep its times.
     let listed_ids: HashSet<&str> = ids.iter().copied().collect();
@@ -414,78 +396,27 @@ fn update_last_runs(
     Ok(())
 }
 
-/// Late runs per listed deployment id: the deployments that have at least one
-/// late run (`POST /deployments/filter` with a `flow_runs` filter, 200 per
-/// page), then one count per such deployment that is listed. The cost depends
-/// on the number of deployments with late runs, never on the number of runs.
-fn late_runs(
+/// The newest `max` deployments with their flow names, for the groups that
+/// label series by deployment while the deployments group is turned off.
+pub fn directory(
     client: &mut Client,
-    deployment_ids: &[&str],
+    max: usize,
+    state: &mut State,
     deadline: Instant,
-) -> Result<HashMap<String, u64>, ApiError> {
-    let mut counts = HashMap::new();
-    if deployment_ids.is_empty() {
-        return Ok(counts);
-    }
-    let listed: HashSet<&str> = deployment_ids.iter().copied().collect();
-    let mut with_late: Vec<String> = Vec::new();
-    let mut offset = 0;
-    loop {
-        let body = late_deployments_body(offset);
-        let page: Vec<DeploymentId> = client.post("/deployments/filter", &body, deadline)?;
-        let short = page.len() < PAGE;
-        offset += PAGE;
-        with_late.extend(
-            page.into_iter()
-                .map(|d| d.id)
-                .filter(|id| listed.contains(id.as_str())),
-        );
-        if short {
-            break;
-        }
-    }
-    with_late.sort_unstable();
-    with_late.dedup();
-    for id in with_late {
-        let one = [id.as_str()];
-        let n: u64 = client.post("/flow_runs/count", &late_filter(&one), deadline)?;
-        counts.insert(id, n);
-    }
-    Ok(counts)
-}
-
-/// Deployments with at least one flow run in the state `Late`.
-fn late_deployments_body(offset: usize) -> Page<LateDeployments> {
-    Page {
-        filter: LateDeployments {
-            flow_runs: LateRunsOnly {
-                state: StateFilter {
-                    state_type: None,
-                    name: Some(AnyOf { any_: &[LATE] }),
-                },
-            },
-        },
-        sort: Some("CREATED_DESC"),
-        limit: PAGE,
-        offset,
-    }
-}
-
-/// Runs of these deployments in the state `Late`.
-fn late_filter<'a>(deployments: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter {
-        flow_runs: RunFilter {
-            state: StateFilter {
-                state_type: None,
-                name: Some(AnyOf { any_: &[LATE] }),
-            },
-            deployment_id: DeploymentIdFilter {
-                any_: Some(deployments),
-                is_null_: None,
-            },
-            end_time: None,
-        },
-    }
+) -> Result<Vec<DeploymentSeries>, ApiError> {
+    let listed = list_deployments(client, max, deadline)?;
+    resolve_flow_names(client, &listed, &mut state.flow_names, deadline)?;
+    let items = build_items(
+        &listed,
+        &state.flow_names,
+        &LastRuns::default(),
+        &HashMap::new(),
+    );
+    let flow_ids: HashSet<&str> = listed.iter().map(|d| d.flow_id.as_str()).collect();
+    state
+        .flow_names
+        .retain(|id, _| flow_ids.contains(id.as_str()));
+    Ok(items)
 }
 
 fn build_items(
@@ -497,6 +428,7 @@ fn build_items(
     listed
         .iter()
         .map(|d| DeploymentSeries {
+            id: d.id.clone(),
             name: d.name.clone(),
             flow: flow_names.get(&d.flow_id).cloned().unwrap_or_default(),
             work_pool: d.work_pool_name.clone().unwrap_or_default(),
@@ -622,17 +554,6 @@ mod tests {
             b,
             r#"{"flow_runs":{"state":{"type":{"any_":["COMPLETED","FAILED","CRASHED"]}},"deployment_id":{"is_null_":false},"end_time":{"after_":"2026-11-24T12:00:00.000000Z"}},"sort":"END_TIME_DESC","limit":200,"offset":400}"#
         );
-        let late = serde_json::to_string(&late_deployments_body(200)).unwrap();
-        assert_eq!(
-            late,
-            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}},"sort":"CREATED_DESC","limit":200,"offset":200}"#
-        );
-        let one = ["abc"];
-        let late = serde_json::to_string(&late_filter(&one)).unwrap();
-        assert_eq!(
-            late,
-            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}},"deployment_id":{"any_":["abc"]}}}"#
-        );
         let ids = ["f1", "f2"];
         let flows = serde_json::to_string(&Page {
             filter: FlowsById {
@@ -658,19 +579,5 @@ mod tests {
         .unwrap();
         assert_eq!(list, r#"{"sort":"CREATED_DESC","limit":200,"offset":0}"#);
         assert_eq!(serde_json::to_string(&Empty {}).unwrap(), "{}");
-    }
-
-    #[test]
-    fn deployments_with_late_runs_parse_from_a_full_answer() {
-        // The filter answers full deployments; only the id is kept.
-        let deps: Vec<DeploymentId> = response(include_str!(
-            "../../tests/fixtures/deployments_filter_all.json"
-        ));
-        assert_eq!(deps.len(), 2);
-        let full: Vec<Deployment> = response(include_str!(
-            "../../tests/fixtures/deployments_filter_all.json"
-        ));
-        assert_eq!(deps[0].id, full[0].id);
-        assert_eq!(deps[1].id, full[1].id);
     }
 }

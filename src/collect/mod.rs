@@ -1,17 +1,22 @@
 //! One collection: every group asks Prefect for its part, each succeeding or
 //! failing on its own, and the result is one `Snapshot`.
 
+pub mod active_runs;
+pub mod concurrency_limits;
 pub mod deployments;
 pub mod flow_runs;
+pub mod late_runs;
+pub mod listing;
 pub mod rfc3339;
 pub mod seed;
 pub mod work_pools;
+pub mod work_queues;
 
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
 use crate::prefect::{ApiError, Client};
-use crate::snapshot::{GroupOutcome, Snapshot};
+use crate::snapshot::{DeploymentSeries, GroupOutcome, OpsParts, Snapshot};
 
 /// The server version rarely changes: ask for it at start, after a failure (the
 /// server may have been upgraded while it was away) and then hourly, so a
@@ -25,6 +30,69 @@ pub struct State {
     version_checked: Option<Instant>,
     last_failed: bool,
     deployments: deployments::State,
+    /// The deployments of the last good listing: names for the runs in
+    /// progress and the deployment limits, bounded by EXPORTER_MAX_DEPLOYMENTS.
+    directory: Vec<DeploymentSeries>,
+    /// Whether the cap on listed late runs / runs in progress was logged.
+    late_cap_warned: bool,
+    active_cap_warned: bool,
+}
+
+/// One WARN line when a listing first hits EXPORTER_MAX_LISTED_RUNS, one INFO
+/// line when it fits again: the series say it at every collection.
+fn log_cap(warned: &mut bool, capped: Option<bool>, what: &str, max: usize) {
+    match capped {
+        Some(true) if !*warned => {
+            log::warn!(
+                "more than {max} {what}: only the first {max} are counted per deployment \
+                 (EXPORTER_MAX_LISTED_RUNS)"
+            );
+            *warned = true;
+        }
+        Some(false) if *warned => {
+            log::info!("{what} fit in EXPORTER_MAX_LISTED_RUNS again");
+            *warned = false;
+        }
+        _ => {}
+    }
+}
+
+/// The late-run listing, asked for once per collection by the first group
+/// that needs it; a failure fails every group that needs it.
+fn shared_late<'a>(
+    slot: &'a mut Option<Result<late_runs::LateRuns, ApiError>>,
+    client: &mut Client,
+    config: &Config,
+    deadline: Instant,
+) -> Result<&'a late_runs::LateRuns, ApiError> {
+    slot.get_or_insert_with(|| late_runs::collect(client, config.max_listed_runs, deadline))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The deployment directory for the groups that label by deployment: the
+/// deployments group fills it; when that group is off, it is listed once per
+/// collection here.
+fn shared_directory<'a>(
+    slot: &mut Option<Result<(), ApiError>>,
+    client: &mut Client,
+    config: &Config,
+    state: &'a mut State,
+    deadline: Instant,
+) -> Result<&'a [DeploymentSeries], ApiError> {
+    if !config.collectors.deployments {
+        slot.get_or_insert_with(|| {
+            deployments::directory(
+                client,
+                config.max_deployments,
+                &mut state.deployments,
+                deadline,
+            )
+            .map(|d| state.directory = d)
+        })
+        .clone()?;
+    }
+    Ok(&state.directory)
 }
 
 /// Runs one group, timed, and records how it fared.
@@ -79,6 +147,8 @@ pub fn collect_all(
     }
 
     let on = config.collectors;
+    let mut late = None;
+    let mut directory = None;
     let flow_runs = if on.flow_runs {
         run_group("flow_runs", &mut groups, || {
             flow_runs::collect(client, deadline)
@@ -92,11 +162,21 @@ pub fn collect_all(
             max_deployments: config.max_deployments,
         };
         run_group("deployments", &mut groups, || {
-            deployments::collect(client, &settings, &mut state.deployments, deadline)
+            let late = shared_late(&mut late, client, config, deadline)?;
+            deployments::collect(
+                client,
+                &settings,
+                &mut state.deployments,
+                &late.by_deployment,
+                deadline,
+            )
         })
     } else {
         None
     };
+    if let Some(part) = &deployments {
+        state.directory = part.items.clone();
+    }
     let work_pools = if on.work_pools {
         run_group("work_pools", &mut groups, || {
             work_pools::collect(client, deadline)
@@ -104,12 +184,54 @@ pub fn collect_all(
     } else {
         None
     };
+    let work_queues = if on.work_queues {
+        run_group("work_queues", &mut groups, || {
+            let late = shared_late(&mut late, client, config, deadline)?;
+            work_queues::collect(client, &late.by_queue, deadline)
+        })
+    } else {
+        None
+    };
+    let active_flow_runs = if on.active_flow_runs {
+        run_group("active_flow_runs", &mut groups, || {
+            let dir = shared_directory(&mut directory, client, config, state, deadline)?;
+            active_runs::collect(client, dir, config.max_listed_runs, deadline)
+        })
+    } else {
+        None
+    };
+    let concurrency_limits = if on.concurrency_limits {
+        run_group("concurrency_limits", &mut groups, || {
+            let dir = shared_directory(&mut directory, client, config, state, deadline)?;
+            concurrency_limits::collect(client, dir, deadline)
+        })
+    } else {
+        None
+    };
+    let ops = OpsParts {
+        late_runs: late.and_then(Result::ok).map(|l| l.summary),
+        work_queues,
+        active_flow_runs,
+        concurrency_limits,
+    };
+
+    let max = config.max_listed_runs;
+    let late_capped = ops.late_runs.map(|l| l.capped);
+    log_cap(&mut state.late_cap_warned, late_capped, "late runs", max);
+    let active_capped = ops.active_flow_runs.as_ref().map(|a| a.capped);
+    log_cap(
+        &mut state.active_cap_warned,
+        active_capped,
+        "runs in progress",
+        max,
+    );
 
     let snapshot = Snapshot {
         seed,
         flow_runs,
         deployments,
         work_pools,
+        ops,
         server_version: state.server_version.clone(),
         groups,
         requests: client.take_request_counts(),

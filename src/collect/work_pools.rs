@@ -1,6 +1,7 @@
 //! Work pools: `prefect_work_pools`, `prefect_work_pool_info`,
 //! `prefect_work_pool_workers{status}` and the age of the newest worker
-//! heartbeat per pool.
+//! heartbeat per pool, and the pool's concurrency limit and slots in use when
+//! the listing carries them (`active_slots` is recent: absent, not an error).
 //!
 //! Cost per collection with P pools: 1 count + ceil(P/200) listing pages + one
 //! workers request per pool (200 workers per page; Prefect has no request for
@@ -37,6 +38,10 @@ struct Pool {
     status: Option<String>,
     #[serde(default)]
     is_paused: bool,
+    #[serde(default)]
+    concurrency_limit: Option<u64>,
+    #[serde(default)]
+    active_slots: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +122,8 @@ fn pool_series(pool: Pool, workers: &[Worker], now: f64) -> WorkPoolSeries {
         workers: by_status.into_iter().collect(),
         // A heartbeat stamped a little ahead of the exporter's clock is fresh, not negative.
         last_heartbeat_age: newest.map(|t| (now - t).max(0.0)),
+        concurrency_limit: pool.concurrency_limit,
+        active_slots: pool.active_slots,
     }
 }
 
@@ -162,6 +169,22 @@ mod tests {
             vec![("OFFLINE".to_string(), 0), ("ONLINE".to_string(), 0)]
         );
         assert_eq!(s.last_heartbeat_age, None);
+        // A pool without a limit.
+        assert_eq!(s.concurrency_limit, None);
+        assert_eq!(s.active_slots, None);
+    }
+
+    #[test]
+    fn recorded_pool_limit_and_slots_are_read() {
+        let v: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/work_pools_filter_limits.json"
+        ))
+        .unwrap();
+        let mut pools: Vec<Pool> = serde_json::from_value(v["response"].clone()).unwrap();
+        let s = pool_series(pools.remove(0), &[], 0.0);
+        assert_eq!(s.name, "pool-ops");
+        assert_eq!(s.concurrency_limit, Some(10));
+        assert_eq!(s.active_slots, Some(4));
     }
 
     #[test]

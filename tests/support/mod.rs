@@ -28,6 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+pub mod ops;
+pub use ops::{seed_ops, SeededOps};
+
 // ---------------------------------------------------------------------------
 // Small OS helpers (libc is always linked by std; no extra crate needed)
 // ---------------------------------------------------------------------------
@@ -1143,6 +1146,8 @@ pub struct Expected {
     pub deployments: Vec<SeededDeployment>,
     pub work_pools: Vec<SeededPool>,
     pub runs: Vec<SeededRun>,
+    /// Work queues, runs in progress and concurrency limits (support/ops.rs).
+    pub ops: SeededOps,
 }
 
 /// `EXPORTER_CHECK_DEPLOYMENTS` as the exporter reads it: trimmed, blanks and
@@ -1321,6 +1326,7 @@ pub fn seed_standard(api: &Api) -> Expected {
     exp.deployments = vec![a, c];
     exp.recompute();
     assert_eq!(exp.by_state, standard_counts(), "seeding bookkeeping");
+    seed_ops(api, &mut exp);
     verify_counts(api, &exp);
     exp
 }

@@ -1,0 +1,142 @@
+//! Global concurrency limits (`POST /v2/concurrency_limits/filter`):
+//! `prefect_concurrency_limit_slots{name}`, `_active_slots{name}` and
+//! `_enabled{name}`. A deployment's own limit is stored by Prefect as a limit
+//! named `deployment:<id>`; it is shown as `flow/deployment` when the
+//! deployment is among those with per-deployment series, else by Prefect's
+//! name (one series per limited deployment: still bounded).
+//!
+//! Cost per collection: ceil((G+1)/200) requests for G limits, one in practice
+//! (2-5 ms of server CPU).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::prefect::{ApiError, Client};
+use crate::snapshot::{ConcurrencyLimitSeries, DeploymentSeries};
+
+const PAGE: usize = 200;
+const DEPLOYMENT_PREFIX: &str = "deployment:";
+
+#[derive(Serialize)]
+struct Page {
+    limit: usize,
+    offset: usize,
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    id: String,
+    name: String,
+    limit: u64,
+    #[serde(default)]
+    active_slots: u64,
+    #[serde(default = "enabled_by_default")]
+    active: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+pub fn collect(
+    client: &mut Client,
+    deployments: &[DeploymentSeries],
+    deadline: Instant,
+) -> Result<Vec<ConcurrencyLimitSeries>, ApiError> {
+    let mut limits: Vec<Limit> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut offset = 0;
+    loop {
+        let page: Vec<Limit> = client.post(
+            "/v2/concurrency_limits/filter",
+            &Page {
+                limit: PAGE,
+                offset,
+            },
+            deadline,
+        )?;
+        let short = page.len() < PAGE;
+        limits.extend(page.into_iter().filter(|l| seen.insert(l.id.clone())));
+        if short {
+            break;
+        }
+        offset += PAGE;
+    }
+    Ok(series(limits, deployments))
+}
+
+fn series(limits: Vec<Limit>, deployments: &[DeploymentSeries]) -> Vec<ConcurrencyLimitSeries> {
+    let names: HashMap<&str, String> = deployments
+        .iter()
+        .map(|d| (d.id.as_str(), format!("{}/{}", d.flow, d.name)))
+        .collect();
+    limits
+        .into_iter()
+        .map(|l| {
+            let name = l
+                .name
+                .strip_prefix(DEPLOYMENT_PREFIX)
+                .and_then(|id| names.get(id).cloned())
+                .unwrap_or(l.name);
+            ConcurrencyLimitSeries {
+                name,
+                limit: l.limit,
+                active_slots: l.active_slots,
+                enabled: l.active,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(id: &str, name: &str) -> DeploymentSeries {
+        DeploymentSeries {
+            id: id.into(),
+            name: name.into(),
+            flow: "flow-ops".into(),
+            work_pool: String::new(),
+            paused: false,
+            status: String::new(),
+            last_run: [None; 3],
+            late_runs: 0,
+        }
+    }
+
+    fn recorded() -> Vec<Limit> {
+        let v: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/concurrency_limits_v2_filter.json"
+        ))
+        .unwrap();
+        serde_json::from_value(v["response"].clone()).unwrap()
+    }
+
+    #[test]
+    fn recorded_limits_with_the_deployment_limit_named() {
+        let deps = [deployment(
+            "c081ea7b-51f1-4697-b825-5c31969c75a4",
+            "ops-etl",
+        )];
+        let s = series(recorded(), &deps);
+        let want = [
+            ("api-calls", 10, 0, false),
+            ("db-writes", 4, 4, true),
+            ("flow-ops/ops-etl", 2, 0, true),
+        ];
+        let got: Vec<(&str, u64, u64, bool)> = s
+            .iter()
+            .map(|l| (l.name.as_str(), l.limit, l.active_slots, l.enabled))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_unknown_deployment_keeps_prefects_name() {
+        let s = series(recorded(), &[]);
+        assert_eq!(s[2].name, "deployment:c081ea7b-51f1-4697-b825-5c31969c75a4");
+    }
+}

@@ -1,0 +1,144 @@
+//! Listings of flow runs by state with a request budget, shared by the late
+//! runs and the runs in progress: one page per 200 runs, never more pages than
+//! EXPORTER_MAX_LISTED_RUNS allows, so an incident (every deployment late, a
+//! thousand runs stuck) cannot multiply the requests sent to Prefect.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::prefect::{ApiError, Client};
+
+/// Prefect refuses list requests with a larger limit (422).
+pub const PAGE: usize = 200;
+/// Run ids are unique, so pages sorted by id neither overlap nor skip while
+/// the set is unchanged (a sort on times would tie on runs created together).
+const SORT: &str = "ID_DESC";
+
+/// Which runs: by state names (exact, case-sensitive) or by state types.
+#[derive(Clone, Copy)]
+pub enum States {
+    Names(&'static [&'static str]),
+    Types(&'static [&'static str]),
+}
+
+#[derive(Serialize)]
+pub struct RunsFilter {
+    flow_runs: RunStates,
+}
+
+#[derive(Serialize)]
+struct RunStates {
+    state: StateFilter,
+}
+
+#[derive(Serialize)]
+struct StateFilter {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    state_type: Option<AnyOf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<AnyOf>,
+}
+
+#[derive(Serialize)]
+struct AnyOf {
+    any_: &'static [&'static str],
+}
+
+#[derive(Serialize)]
+pub struct RunsPage {
+    #[serde(flatten)]
+    filter: RunsFilter,
+    sort: &'static str,
+    limit: usize,
+    offset: usize,
+}
+
+pub fn filter(states: States) -> RunsFilter {
+    let state = match states {
+        States::Names(n) => StateFilter {
+            state_type: None,
+            name: Some(AnyOf { any_: n }),
+        },
+        States::Types(t) => StateFilter {
+            state_type: Some(AnyOf { any_: t }),
+            name: None,
+        },
+    };
+    RunsFilter {
+        flow_runs: RunStates { state },
+    }
+}
+
+pub fn page_body(states: States, limit: usize, offset: usize) -> RunsPage {
+    RunsPage {
+        filter: filter(states),
+        sort: SORT,
+        limit,
+        offset,
+    }
+}
+
+/// `POST /flow_runs/count` of the runs in these states: 2-5 ms of server CPU
+/// whatever their number.
+pub fn count(client: &mut Client, states: States, deadline: Instant) -> Result<u64, ApiError> {
+    client.post("/flow_runs/count", &filter(states), deadline)
+}
+
+/// The runs in these states, 200 per request, at most `max` of them. Returns
+/// them (each once) and whether the cap stopped the listing.
+pub fn runs<T: DeserializeOwned>(
+    client: &mut Client,
+    states: States,
+    max: usize,
+    id: impl Fn(&T) -> &str,
+    deadline: Instant,
+) -> Result<(Vec<T>, bool), ApiError> {
+    let mut out: Vec<T> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut offset = 0;
+    loop {
+        if offset >= max {
+            // Full pages up to the cap: there may be more.
+            return Ok((out, true));
+        }
+        let limit = PAGE.min(max - offset);
+        let page: Vec<T> = client.post(
+            "/flow_runs/filter",
+            &page_body(states, limit, offset),
+            deadline,
+        )?;
+        let short = page.len() < limit;
+        offset += limit;
+        for run in page {
+            if seen.insert(id(&run).to_string()) {
+                out.push(run);
+            }
+        }
+        if short {
+            return Ok((out, false));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_the_documented_filters() {
+        let late = serde_json::to_string(&page_body(States::Names(&["Late"]), 200, 400)).unwrap();
+        assert_eq!(
+            late,
+            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}},"sort":"ID_DESC","limit":200,"offset":400}"#
+        );
+        let active =
+            serde_json::to_string(&filter(States::Types(&["PENDING", "RUNNING"]))).unwrap();
+        assert_eq!(
+            active,
+            r#"{"flow_runs":{"state":{"type":{"any_":["PENDING","RUNNING"]}}}}"#
+        );
+    }
+}
