@@ -22,6 +22,12 @@ pub const DEFAULT_MAX_RETRIES: u32 = 5;
 pub const PREFECT_CLOUD_API_URL: &str = "https://api.prefect.cloud/";
 pub const DEFAULT_LOOKBACK_SECS: u64 = 7 * 86_400;
 pub const DEFAULT_MAX_DEPLOYMENTS: usize = 1000;
+/// How long a window of events waits before it is counted (see collect/events.rs).
+pub const DEFAULT_EVENTS_SETTLE_SECS: u64 = 30;
+/// Seconds to a day in 13 steps.
+pub const DEFAULT_DURATION_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
+];
 
 /// Every variable the exporter reads, with its default and meaning: the single
 /// source for `--help` and the README table.
@@ -115,7 +121,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     (
         "EXPORTER_COLLECTORS",
-        "flow_runs,deployments,work_pools",
+        "flow_runs,deployments,work_pools,events",
         "comma-separated breakdown groups (the six specified metrics are always collected)",
     ),
     (
@@ -127,6 +133,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "EXPORTER_MAX_DEPLOYMENTS",
         "1000",
         "most deployments that get per-deployment series (the newest created first)",
+    ),
+    (
+        "EXPORTER_EVENTS_SETTLE",
+        "30s",
+        "how long Prefect's events get to be stored before a window of them is counted (seconds, or with s, m or h)",
+    ),
+    (
+        "EXPORTER_DURATION_BUCKETS",
+        "1,5,15,30,60,300,600,1800,3600,7200,14400,43200,86400",
+        "upper bounds in seconds (or with s, m, h or d) of the run duration and start delay histogram buckets",
     ),
 ];
 
@@ -166,6 +182,10 @@ pub struct Config {
     pub lookback: Duration,
     /// Cap on the deployments that get per-deployment series.
     pub max_deployments: usize,
+    /// Settle delay of the state-change counters.
+    pub events_settle: Duration,
+    /// Bucket upper bounds of the duration histograms, increasing.
+    pub duration_buckets: Vec<f64>,
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -176,6 +196,7 @@ pub struct Collectors {
     pub flow_runs: bool,
     pub deployments: bool,
     pub work_pools: bool,
+    pub events: bool,
 }
 
 impl Default for Collectors {
@@ -184,6 +205,7 @@ impl Default for Collectors {
             flow_runs: true,
             deployments: true,
             work_pools: true,
+            events: true,
         }
     }
 }
@@ -196,6 +218,7 @@ impl Collectors {
             (self.flow_runs, "flow_runs"),
             (self.deployments, "deployments"),
             (self.work_pools, "work_pools"),
+            (self.events, "events"),
         ] {
             if on {
                 out.push(name);
@@ -458,6 +481,16 @@ impl Config {
             None => DEFAULT_MAX_DEPLOYMENTS,
         };
 
+        let events_settle = match get("EXPORTER_EVENTS_SETTLE") {
+            Some(v) => parse_settle(&v)?,
+            None => Duration::from_secs(DEFAULT_EVENTS_SETTLE_SECS),
+        };
+
+        let duration_buckets = match get("EXPORTER_DURATION_BUCKETS") {
+            Some(v) => parse_buckets(&v)?,
+            None => DEFAULT_DURATION_BUCKETS.to_vec(),
+        };
+
         Ok(Config {
             api_url,
             auth,
@@ -478,6 +511,8 @@ impl Config {
             collectors,
             lookback,
             max_deployments,
+            events_settle,
+            duration_buckets,
             warnings,
         })
     }
@@ -505,7 +540,7 @@ impl fmt::Display for Config {
             "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
              ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
              interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
-             max_deployments={}",
+             max_deployments={} events_settle={}s duration_buckets=[{}]",
             self.api_url,
             auth,
             self.request_timeout.as_secs_f64(),
@@ -530,6 +565,12 @@ impl fmt::Display for Config {
             self.collectors.names().join(","),
             self.lookback.as_secs(),
             self.max_deployments,
+            self.events_settle.as_secs(),
+            self.duration_buckets
+                .iter()
+                .map(f64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         )
     }
 }
@@ -687,23 +728,85 @@ fn parse_collectors(v: &str) -> Result<Collectors, ConfigError> {
         flow_runs: false,
         deployments: false,
         work_pools: false,
+        events: false,
     };
     for name in parse_name_list(v) {
         match name.to_ascii_lowercase().as_str() {
             "flow_runs" => c.flow_runs = true,
             "deployments" => c.deployments = true,
             "work_pools" => c.work_pools = true,
+            "events" => c.events = true,
             "seed" => {}
             _ => {
                 return Err(invalid(
                     "EXPORTER_COLLECTORS",
                     v.to_string(),
-                    "expected a comma list of flow_runs, deployments, work_pools",
+                    "expected a comma list of flow_runs, deployments, work_pools, events",
                 ))
             }
         }
     }
     Ok(c)
+}
+
+/// A number of seconds with an optional unit (`90`, `1.5m`, `2h`, `1d`).
+fn seconds_with_unit(v: &str) -> Option<f64> {
+    let t = v.trim();
+    let (digits, factor) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (
+            &t[..i],
+            match c.to_ascii_lowercase() {
+                's' => 1.0,
+                'm' => 60.0,
+                'h' => 3600.0,
+                'd' => 86_400.0,
+                _ => return None,
+            },
+        ),
+        _ => (t, 1.0),
+    };
+    let n: f64 = digits.trim().parse().ok()?;
+    Some(n * factor).filter(|s| s.is_finite())
+}
+
+/// From 0 (count up to now: for servers known to store events at once) to an hour.
+fn parse_settle(v: &str) -> Result<Duration, ConfigError> {
+    seconds_with_unit(v)
+        .filter(|s| (0.0..=3600.0).contains(s))
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            invalid(
+                "EXPORTER_EVENTS_SETTLE",
+                v.to_string(),
+                "expected seconds or a number with s, m or h (e.g. 30s), from 0 to 1h",
+            )
+        })
+}
+
+/// Increasing upper bounds (`+Inf` is implied), at most 50 of them.
+fn parse_buckets(v: &str) -> Result<Vec<f64>, ConfigError> {
+    let bad = || {
+        invalid(
+            "EXPORTER_DURATION_BUCKETS",
+            v.to_string(),
+            "expected increasing positive seconds separated by commas, at most 50 \
+             (e.g. 1,10,60,10m,1h,1d)",
+        )
+    };
+    let mut out: Vec<f64> = Vec::new();
+    for part in v.split(',') {
+        let b = seconds_with_unit(part)
+            .filter(|b| *b > 0.0)
+            .ok_or_else(bad)?;
+        if out.last().is_some_and(|last| b <= *last) {
+            return Err(bad());
+        }
+        out.push(b);
+    }
+    if out.len() > 50 {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 /// Seconds, or a number with a unit: `90`, `90s`, `15m`, `12h`, `7d`.
@@ -804,6 +907,51 @@ mod tests {
         assert_eq!(c.collectors, Collectors::default());
         assert_eq!(c.lookback, Duration::from_secs(7 * 86_400));
         assert_eq!(c.max_deployments, 1000);
+        assert_eq!(c.events_settle, Duration::from_secs(30));
+        assert_eq!(c.duration_buckets, DEFAULT_DURATION_BUCKETS);
+    }
+
+    #[test]
+    fn events_settle_and_duration_buckets() {
+        for (v, secs) in [
+            ("0", 0.0),
+            ("45", 45.0),
+            ("2.5s", 2.5),
+            ("2m", 120.0),
+            ("1h", 3600.0),
+        ] {
+            let c = parse(&[("EXPORTER_EVENTS_SETTLE", v)]).unwrap();
+            assert_eq!(c.events_settle, Duration::from_secs_f64(secs), "{v}");
+        }
+        for v in ["-1", "2h", "soon", "1w", "NaN"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_EVENTS_SETTLE", v)]),
+                "EXPORTER_EVENTS_SETTLE",
+                "{v}"
+            );
+        }
+        let c = parse(&[("EXPORTER_DURATION_BUCKETS", "0.5, 10,1m,1h ,1d")]).unwrap();
+        assert_eq!(c.duration_buckets, [0.5, 10.0, 60.0, 3600.0, 86_400.0]);
+        let many = (1..=51)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        for v in [
+            "1,1",
+            "10,5",
+            "0,1",
+            "-1,2",
+            "1,,2",
+            "1,x",
+            "inf",
+            many.as_str(),
+        ] {
+            assert_eq!(
+                err_var(&[("EXPORTER_DURATION_BUCKETS", v)]),
+                "EXPORTER_DURATION_BUCKETS",
+                "{v}"
+            );
+        }
     }
 
     #[test]
@@ -814,13 +962,18 @@ mod tests {
             Collectors {
                 flow_runs: false,
                 deployments: true,
-                work_pools: false
+                work_pools: false,
+                events: false,
             }
         );
         assert_eq!(c.collectors.names(), vec!["deployments"]);
         let c = parse(&[("EXPORTER_COLLECTORS", "seed")]).unwrap();
         assert!(c.collectors.names().is_empty());
-        let c = parse(&[("EXPORTER_COLLECTORS", "work_pools,flow_runs,deployments")]).unwrap();
+        let c = parse(&[(
+            "EXPORTER_COLLECTORS",
+            "work_pools,flow_runs,deployments,events",
+        )])
+        .unwrap();
         assert_eq!(c.collectors, Collectors::default());
         for v in ["flowruns", "flow_runs,pools", "all"] {
             assert_eq!(

@@ -2,6 +2,8 @@
 //! failing on its own, and the result is one `Snapshot`.
 
 pub mod deployments;
+pub mod durations;
+pub mod events;
 pub mod flow_runs;
 pub mod rfc3339;
 pub mod seed;
@@ -25,6 +27,7 @@ pub struct State {
     version_checked: Option<Instant>,
     last_failed: bool,
     deployments: deployments::State,
+    events: events::State,
 }
 
 /// Runs one group, timed, and records how it fared.
@@ -90,6 +93,7 @@ pub fn collect_all(
         let settings = deployments::Settings {
             lookback: config.lookback,
             max_deployments: config.max_deployments,
+            duration_buckets: config.duration_buckets.clone(),
         };
         run_group("deployments", &mut groups, || {
             deployments::collect(client, &settings, &mut state.deployments, deadline)
@@ -105,11 +109,21 @@ pub fn collect_all(
         None
     };
 
+    let state_changes = if on.events {
+        run_group("events", &mut groups, || {
+            events::collect(client, config.events_settle, &mut state.events, deadline)
+        })
+        .flatten()
+    } else {
+        None
+    };
+
     let snapshot = Snapshot {
         seed,
         flow_runs,
         deployments,
         work_pools,
+        state_changes,
         server_version: state.server_version.clone(),
         groups,
         requests: client.take_request_counts(),
