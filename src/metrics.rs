@@ -245,8 +245,9 @@ impl Breakdowns {
         for (name, help, metrics) in [
             (
                 "prefect_flow_run_duration_seconds",
-                "Wall time from start_time to end_time of the deployment's flow runs that \
-                 ended in this state type since the exporter started.",
+                "Wall time from start_time to end_time (0 if never started) of the \
+                 deployment's flow runs that ended in this state type since the exporter \
+                 started; _count is every such run.",
                 duration,
             ),
             (

@@ -14,9 +14,11 @@
 //!   included, which is what a user waiting for the run (or an SLA) sees.
 //!   `total_run_time` counts only the time spent Running, so a run that spent
 //!   an hour in AwaitingRetry would look fast. A run that never started (no
-//!   `start_time`, e.g. Cached) has no duration.
+//!   `start_time`: Cached, or crashed before running) is observed as 0, so
+//!   that `_count` counts every finished run: its rate by `state_type` is the
+//!   deployment's rate of successes and failures.
 //! - The start delay is `start_time - expected_start_time` (its scheduled
-//!   time), 0 when it started early.
+//!   time), 0 when it started early; none for a run that never started.
 
 use std::collections::HashMap;
 
@@ -105,11 +107,10 @@ impl Durations {
             let start = run.start_time.and_then(rfc3339::parse);
             let expected = run.expected_start_time.and_then(rfc3339::parse);
             let h = self.by_deployment.entry(dep.to_string()).or_default();
-            if let Some(start) = start {
-                observe_into(&mut h.duration[slot], bounds, (end - start).max(0.0));
-                if let Some(expected) = expected {
-                    observe_into(&mut h.start_delay, bounds, (start - expected).max(0.0));
-                }
+            let duration = start.map_or(0.0, |s| (end - s).max(0.0));
+            observe_into(&mut h.duration[slot], bounds, duration);
+            if let (Some(start), Some(expected)) = (start, expected) {
+                observe_into(&mut h.start_delay, bounds, (start - expected).max(0.0));
             }
         }
     }
@@ -231,7 +232,7 @@ mod tests {
                     "2026-12-01T09:59:59Z",
                     None,
                 ),
-                // Never started: no duration, no delay.
+                // Never started: a duration of 0 (counted), no delay.
                 run("d", "COMPLETED", None, "2026-12-01T10:02:00Z", None),
                 // Untracked type.
                 run(
@@ -257,8 +258,8 @@ mod tests {
         d.observe(after, page().into_iter(), &BOUNDS);
         let out = d.series([("d1", "daily", "etl")].into_iter(), false);
         let done = out[0].duration[0].as_ref().unwrap();
-        assert_eq!(done.counts, [0, 2, 0, 0]);
-        assert_eq!(done.count, 2);
+        assert_eq!(done.counts, [1, 2, 0, 0]);
+        assert_eq!(done.count, 3);
         assert_eq!(done.sum, 90.0);
         assert!(out[0].duration[1].is_none());
         let crashed = out[0].duration[2].as_ref().unwrap();
