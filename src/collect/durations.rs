@@ -20,7 +20,7 @@
 //! - The start delay is `start_time - expected_start_time` (its scheduled
 //!   time), 0 when it started early; none for a run that never started.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::rfc3339;
 use crate::snapshot::{Histogram, RunHistograms, TRACKED_END_STATES};
@@ -124,9 +124,9 @@ impl Durations {
         capped: bool,
     ) -> Vec<RunHistograms> {
         let mut out = Vec::new();
-        let mut keep = Vec::new();
+        let mut keep = HashSet::new();
         for (id, name, flow) in listed {
-            keep.push(id);
+            keep.insert(id);
             if let Some(h) = self.by_deployment.get(id) {
                 out.push(RunHistograms {
                     deployment: name.to_string(),
@@ -138,7 +138,7 @@ impl Durations {
         }
         if !capped {
             self.by_deployment
-                .retain(|id, _| keep.contains(&id.as_str()));
+                .retain(|id, _| keep.contains(id.as_str()));
         }
         out
     }
