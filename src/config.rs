@@ -23,6 +23,12 @@ pub const PREFECT_CLOUD_API_URL: &str = "https://api.prefect.cloud/";
 pub const DEFAULT_LOOKBACK_SECS: u64 = 7 * 86_400;
 pub const DEFAULT_MAX_DEPLOYMENTS: usize = 1000;
 pub const DEFAULT_MAX_LISTED_RUNS: usize = 1000;
+/// How long a window of events waits before it is counted (see collect/events.rs).
+pub const DEFAULT_EVENTS_SETTLE_SECS: u64 = 30;
+/// Seconds to a day in 13 steps.
+pub const DEFAULT_DURATION_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
+];
 
 /// Every variable the exporter reads, with its default and meaning: the single
 /// source for `--help` and the README table.
@@ -116,7 +122,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     (
         "EXPORTER_COLLECTORS",
-        "flow_runs,deployments,work_pools,work_queues,active_flow_runs,concurrency_limits",
+        "flow_runs,deployments,work_pools,work_queues,active_flow_runs,concurrency_limits,events",
         "comma-separated breakdown groups (the six specified metrics are always collected)",
     ),
     (
@@ -133,6 +139,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "EXPORTER_MAX_LISTED_RUNS",
         "1000",
         "most late runs, and most runs in progress, listed per collection (200 per request); past it the series say so",
+    ),
+    (
+        "EXPORTER_EVENTS_SETTLE",
+        "30s",
+        "how long Prefect's events get to be stored before a window of them is counted (seconds, or with s, m or h)",
+    ),
+    (
+        "EXPORTER_DURATION_BUCKETS",
+        "1,5,15,30,60,300,600,1800,3600,7200,14400,43200,86400",
+        "upper bounds in seconds (or with s, m, h or d) of the run duration and start delay histogram buckets",
     ),
 ];
 
@@ -174,6 +190,10 @@ pub struct Config {
     pub max_deployments: usize,
     /// Cap on the late runs and on the runs in progress listed per collection.
     pub max_listed_runs: usize,
+    /// Settle delay of the state-change counters.
+    pub events_settle: Duration,
+    /// Bucket upper bounds of the duration histograms, increasing.
+    pub duration_buckets: Vec<f64>,
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -187,6 +207,7 @@ pub struct Collectors {
     pub work_queues: bool,
     pub active_flow_runs: bool,
     pub concurrency_limits: bool,
+    pub events: bool,
 }
 
 impl Default for Collectors {
@@ -198,6 +219,7 @@ impl Default for Collectors {
             work_queues: true,
             active_flow_runs: true,
             concurrency_limits: true,
+            events: true,
         }
     }
 }
@@ -213,6 +235,7 @@ impl Collectors {
             (self.work_queues, "work_queues"),
             (self.active_flow_runs, "active_flow_runs"),
             (self.concurrency_limits, "concurrency_limits"),
+            (self.events, "events"),
         ] {
             if on {
                 out.push(name);
@@ -484,6 +507,16 @@ impl Config {
             None => DEFAULT_MAX_LISTED_RUNS,
         };
 
+        let events_settle = match get("EXPORTER_EVENTS_SETTLE") {
+            Some(v) => parse_settle(&v)?,
+            None => Duration::from_secs(DEFAULT_EVENTS_SETTLE_SECS),
+        };
+
+        let duration_buckets = match get("EXPORTER_DURATION_BUCKETS") {
+            Some(v) => parse_buckets(&v)?,
+            None => DEFAULT_DURATION_BUCKETS.to_vec(),
+        };
+
         Ok(Config {
             api_url,
             auth,
@@ -505,6 +538,8 @@ impl Config {
             lookback,
             max_deployments,
             max_listed_runs,
+            events_settle,
+            duration_buckets,
             warnings,
         })
     }
@@ -532,7 +567,7 @@ impl fmt::Display for Config {
             "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
              ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
              interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
-             max_deployments={} max_listed_runs={}",
+             max_deployments={} max_listed_runs={} events_settle={}s duration_buckets=[{}]",
             self.api_url,
             auth,
             self.request_timeout.as_secs_f64(),
@@ -558,6 +593,12 @@ impl fmt::Display for Config {
             self.lookback.as_secs(),
             self.max_deployments,
             self.max_listed_runs,
+            self.events_settle.as_secs(),
+            self.duration_buckets
+                .iter()
+                .map(f64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         )
     }
 }
@@ -718,6 +759,7 @@ fn parse_collectors(v: &str) -> Result<Collectors, ConfigError> {
         work_queues: false,
         active_flow_runs: false,
         concurrency_limits: false,
+        events: false,
     };
     for name in parse_name_list(v) {
         match name.to_ascii_lowercase().as_str() {
@@ -727,18 +769,79 @@ fn parse_collectors(v: &str) -> Result<Collectors, ConfigError> {
             "work_queues" => c.work_queues = true,
             "active_flow_runs" => c.active_flow_runs = true,
             "concurrency_limits" => c.concurrency_limits = true,
+            "events" => c.events = true,
             "seed" => {}
             _ => {
                 return Err(invalid(
                     "EXPORTER_COLLECTORS",
                     v.to_string(),
                     "expected a comma list of flow_runs, deployments, work_pools, work_queues, \
-                     active_flow_runs, concurrency_limits",
+                     active_flow_runs, concurrency_limits, events",
                 ))
             }
         }
     }
     Ok(c)
+}
+
+/// A number of seconds with an optional unit (`90`, `1.5m`, `2h`, `1d`).
+fn seconds_with_unit(v: &str) -> Option<f64> {
+    let t = v.trim();
+    let (digits, factor) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (
+            &t[..i],
+            match c.to_ascii_lowercase() {
+                's' => 1.0,
+                'm' => 60.0,
+                'h' => 3600.0,
+                'd' => 86_400.0,
+                _ => return None,
+            },
+        ),
+        _ => (t, 1.0),
+    };
+    let n: f64 = digits.trim().parse().ok()?;
+    Some(n * factor).filter(|s| s.is_finite())
+}
+
+/// From 0 (count up to now: for servers known to store events at once) to an hour.
+fn parse_settle(v: &str) -> Result<Duration, ConfigError> {
+    seconds_with_unit(v)
+        .filter(|s| (0.0..=3600.0).contains(s))
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            invalid(
+                "EXPORTER_EVENTS_SETTLE",
+                v.to_string(),
+                "expected seconds or a number with s, m or h (e.g. 30s), from 0 to 1h",
+            )
+        })
+}
+
+/// Increasing upper bounds (`+Inf` is implied), at most 50 of them.
+fn parse_buckets(v: &str) -> Result<Vec<f64>, ConfigError> {
+    let bad = || {
+        invalid(
+            "EXPORTER_DURATION_BUCKETS",
+            v.to_string(),
+            "expected increasing positive seconds separated by commas, at most 50 \
+             (e.g. 1,10,60,10m,1h,1d)",
+        )
+    };
+    let mut out: Vec<f64> = Vec::new();
+    for part in v.split(',') {
+        let b = seconds_with_unit(part)
+            .filter(|b| *b > 0.0)
+            .ok_or_else(bad)?;
+        if out.last().is_some_and(|last| b <= *last) {
+            return Err(bad());
+        }
+        out.push(b);
+    }
+    if out.len() > 50 {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 /// Seconds, or a number with a unit: `90`, `90s`, `15m`, `12h`, `7d`.
@@ -839,6 +942,51 @@ mod tests {
         assert_eq!(c.collectors, Collectors::default());
         assert_eq!(c.lookback, Duration::from_secs(7 * 86_400));
         assert_eq!(c.max_deployments, 1000);
+        assert_eq!(c.events_settle, Duration::from_secs(30));
+        assert_eq!(c.duration_buckets, DEFAULT_DURATION_BUCKETS);
+    }
+
+    #[test]
+    fn events_settle_and_duration_buckets() {
+        for (v, secs) in [
+            ("0", 0.0),
+            ("45", 45.0),
+            ("2.5s", 2.5),
+            ("2m", 120.0),
+            ("1h", 3600.0),
+        ] {
+            let c = parse(&[("EXPORTER_EVENTS_SETTLE", v)]).unwrap();
+            assert_eq!(c.events_settle, Duration::from_secs_f64(secs), "{v}");
+        }
+        for v in ["-1", "2h", "soon", "1w", "NaN"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_EVENTS_SETTLE", v)]),
+                "EXPORTER_EVENTS_SETTLE",
+                "{v}"
+            );
+        }
+        let c = parse(&[("EXPORTER_DURATION_BUCKETS", "0.5, 10,1m,1h ,1d")]).unwrap();
+        assert_eq!(c.duration_buckets, [0.5, 10.0, 60.0, 3600.0, 86_400.0]);
+        let many = (1..=51)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        for v in [
+            "1,1",
+            "10,5",
+            "0,1",
+            "-1,2",
+            "1,,2",
+            "1,x",
+            "inf",
+            many.as_str(),
+        ] {
+            assert_eq!(
+                err_var(&[("EXPORTER_DURATION_BUCKETS", v)]),
+                "EXPORTER_DURATION_BUCKETS",
+                "{v}"
+            );
+        }
     }
 
     #[test]
@@ -853,6 +1001,7 @@ mod tests {
                 work_queues: false,
                 active_flow_runs: false,
                 concurrency_limits: false,
+                events: false,
             }
         );
         assert_eq!(c.collectors.names(), vec!["deployments"]);
@@ -860,7 +1009,7 @@ mod tests {
         assert!(c.collectors.names().is_empty());
         let c = parse(&[(
             "EXPORTER_COLLECTORS",
-            "work_pools,flow_runs,deployments,concurrency_limits,active_flow_runs,work_queues",
+            "work_pools,flow_runs,deployments,concurrency_limits,active_flow_runs,work_queues,events",
         )])
         .unwrap();
         assert_eq!(c.collectors, Collectors::default());

@@ -14,7 +14,10 @@ use prometheus::{
 mod ops;
 
 use crate::process::{self, ProcessStats};
-use crate::snapshot::{DeploymentsPart, Snapshot, StateCount, WorkPoolsPart, TRACKED_END_STATES};
+use crate::snapshot::{
+    DeploymentsPart, Histogram, RunHistograms, Snapshot, StateChanges, StateCount, WorkPoolsPart,
+    TRACKED_END_STATES,
+};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -84,6 +87,11 @@ struct Breakdowns {
     work_pool_info: IntGaugeVec,
     work_pool_workers: IntGaugeVec,
     work_pool_heartbeat_age: GaugeVec,
+    flow_run_state_changes: IntCounterVec,
+    task_run_state_changes: IntCounterVec,
+    /// The duration histograms, kept as plain data by the deployments group
+    /// (cumulative since the exporter started) and rendered from it.
+    histograms: Vec<prometheus::proto::MetricFamily>,
 }
 
 impl Breakdowns {
@@ -99,7 +107,24 @@ impl Breakdowns {
             register(registry, &v);
             v
         };
+        let counter_vec = |name: &str, help: &str| {
+            let v = IntCounterVec::new(Opts::new(name, help), &["state_name"])
+                .expect("valid metric definition");
+            register(registry, &v);
+            v
+        };
         Breakdowns {
+            flow_run_state_changes: counter_vec(
+                "prefect_flow_run_state_changes_total",
+                "Flow-run state changes into each state since the exporter started, counted \
+                 from Prefect's events (EXPORTER_EVENTS_SETTLE behind).",
+            ),
+            task_run_state_changes: counter_vec(
+                "prefect_task_run_state_changes_total",
+                "Task-run state changes into each state since the exporter started, counted \
+                 from Prefect's events (EXPORTER_EVENTS_SETTLE behind; sent by the Prefect SDK).",
+            ),
+            histograms: Vec::new(),
             flow_runs: int_vec(
                 "prefect_flow_runs",
                 "Flow runs per state type and state name (custom names included).",
@@ -187,6 +212,66 @@ impl Breakdowns {
         }
     }
 
+    /// The totals only grow: each counter is raised to its total.
+    fn apply_state_changes(&self, changes: &StateChanges) {
+        for (vec, totals) in [
+            (&self.flow_run_state_changes, &changes.flow_runs),
+            (&self.task_run_state_changes, &changes.task_runs),
+        ] {
+            for (name, total) in totals {
+                let c = vec.with_label_values(&[name]);
+                c.inc_by(total.saturating_sub(c.get()));
+            }
+        }
+    }
+
+    fn apply_histograms(&mut self, items: &[RunHistograms]) {
+        let mut duration = Vec::new();
+        let mut delay = Vec::new();
+        for h in items {
+            let labels = [
+                ("deployment", h.deployment.as_str()),
+                ("flow", h.flow.as_str()),
+            ];
+            for (state_type, d) in TRACKED_END_STATES.iter().zip(&h.duration) {
+                if let Some(d) = d {
+                    let mut l = labels.to_vec();
+                    l.push(("state_type", state_type));
+                    duration.push(histogram_metric(&l, d));
+                }
+            }
+            if let Some(d) = &h.start_delay {
+                delay.push(histogram_metric(&labels, d));
+            }
+        }
+        self.histograms.clear();
+        for (name, help, metrics) in [
+            (
+                "prefect_flow_run_duration_seconds",
+                "Wall time from start_time to end_time (0 if never started) of the \
+                 deployment's flow runs that ended in this state type since the exporter \
+                 started; _count is every such run.",
+                duration,
+            ),
+            (
+                "prefect_flow_run_start_delay_seconds",
+                "Seconds from expected_start_time to start_time of the deployment's flow runs \
+                 that ended since the exporter started (0 when early).",
+                delay,
+            ),
+        ] {
+            if metrics.is_empty() {
+                continue;
+            }
+            let mut f = prometheus::proto::MetricFamily::default();
+            f.set_name(name.into());
+            f.set_help(help.into());
+            f.set_field_type(prometheus::proto::MetricType::HISTOGRAM);
+            f.set_metric(metrics);
+            self.histograms.push(f);
+        }
+    }
+
     fn apply_work_pools(&self, part: &WorkPoolsPart) {
         self.work_pools.reset();
         self.work_pools
@@ -211,6 +296,40 @@ impl Breakdowns {
             }
         }
     }
+}
+
+fn histogram_metric(labels: &[(&str, &str)], h: &Histogram) -> prometheus::proto::Metric {
+    let mut cumulative = 0;
+    let buckets = h
+        .bounds
+        .iter()
+        .zip(&h.counts)
+        .map(|(bound, n)| {
+            cumulative += n;
+            let mut b = prometheus::proto::Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut hist = prometheus::proto::Histogram::default();
+    hist.set_bucket(buckets);
+    hist.set_sample_count(h.count);
+    hist.set_sample_sum(h.sum);
+    let mut m = prometheus::proto::Metric::default();
+    m.set_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut p = prometheus::proto::LabelPair::default();
+                p.set_name((*k).into());
+                p.set_value((*v).into());
+                p
+            })
+            .collect(),
+    );
+    m.set_histogram(hist);
+    m
 }
 
 fn bool_label(b: bool) -> &'static str {
@@ -474,12 +593,16 @@ impl Metrics {
                 inner.seed_registered = true;
             }
         }
-        let b = &inner.series.breakdowns;
+        let b = &mut inner.series.breakdowns;
         if let Some(counts) = &snap.flow_runs {
             b.apply_flow_runs(counts);
         }
         if let Some(part) = &snap.deployments {
             b.apply_deployments(part);
+            b.apply_histograms(&part.histograms);
+        }
+        if let Some(changes) = &snap.state_changes {
+            b.apply_state_changes(changes);
         }
         if let Some(part) = &snap.work_pools {
             b.apply_work_pools(part);
@@ -531,7 +654,9 @@ impl Default for Metrics {
 impl Inner {
     fn render(&mut self) {
         let mut buf = Vec::with_capacity(self.rendered.len().max(4096));
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        let mut families = self.registry.gather();
+        families.extend(self.series.breakdowns.histograms.iter().cloned());
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             log::error!("cannot render metrics: {e}");
             return;
         }
@@ -566,6 +691,7 @@ mod tests {
             deployments: None,
             work_pools: None,
             ops: Default::default(),
+            state_changes: None,
             server_version: Some("3.9.1".into()),
             requests: if seed.is_some() {
                 vec![("200".into(), 4)]
@@ -700,6 +826,7 @@ mod tests {
                     late_runs: 4,
                 })
                 .collect(),
+            histograms: Vec::new(),
         }
     }
 
@@ -880,6 +1007,86 @@ mod tests {
         assert!(!t.contains("pool-a"));
         assert!(!t.contains("prefect_deployment_info{"));
         assert_eq!(value(&t, "prefect_deployments"), Some(0.0));
+    }
+
+    #[test]
+    fn state_changes_rise_to_their_totals_and_histograms_render() {
+        use crate::snapshot::{Histogram, RunHistograms, StateChanges};
+        use std::collections::BTreeMap;
+        let changes = |failed: u64, custom: Option<u64>| {
+            let mut flow_runs = BTreeMap::from([("Failed".to_string(), failed)]);
+            if let Some(n) = custom {
+                flow_runs.insert("MyState".into(), n);
+            }
+            StateChanges {
+                flow_runs,
+                task_runs: BTreeMap::from([("Completed".to_string(), 7)]),
+            }
+        };
+        let m = Metrics::new();
+        let mut s = breakdown_snap(None, Some(part(&["daily"])), None);
+        s.state_changes = Some(changes(0, None));
+        s.deployments.as_mut().unwrap().histograms = vec![RunHistograms {
+            deployment: "daily".into(),
+            flow: "etl".into(),
+            duration: [
+                Some(Histogram {
+                    bounds: vec![1.0, 60.0],
+                    counts: vec![1, 0, 2],
+                    sum: 7200.5,
+                    count: 3,
+                }),
+                None,
+                None,
+            ],
+            start_delay: None,
+        }];
+        m.update(&s);
+        let t = text(&m);
+        let failed = "prefect_flow_run_state_changes_total{state_name=\"Failed\"}";
+        assert_eq!(value(&t, failed), Some(0.0));
+        assert_eq!(
+            value(
+                &t,
+                "prefect_task_run_state_changes_total{state_name=\"Completed\"}"
+            ),
+            Some(7.0)
+        );
+        assert!(t.contains("# TYPE prefect_flow_run_state_changes_total counter"));
+        assert!(t.contains("# TYPE prefect_flow_run_duration_seconds histogram"));
+        let b = |le: &str| {
+            format!(
+                "prefect_flow_run_duration_seconds_bucket{{deployment=\"daily\",flow=\"etl\",state_type=\"COMPLETED\",le=\"{le}\"}}"
+            )
+        };
+        assert_eq!(value(&t, &b("1")), Some(1.0));
+        assert_eq!(value(&t, &b("60")), Some(1.0));
+        assert_eq!(value(&t, &b("+Inf")), Some(3.0));
+        assert_eq!(
+            value(
+                &t,
+                "prefect_flow_run_duration_seconds_sum{deployment=\"daily\",flow=\"etl\",state_type=\"COMPLETED\"}"
+            ),
+            Some(7200.5)
+        );
+        assert!(!t.contains("prefect_flow_run_start_delay_seconds"), "{t}");
+        // Later totals raise the counters; a failed group keeps them.
+        s.state_changes = Some(changes(3, Some(1)));
+        m.update(&s);
+        s.state_changes = None;
+        s.deployments.as_mut().unwrap().histograms.clear();
+        m.update(&s);
+        let t = text(&m);
+        assert_eq!(value(&t, failed), Some(3.0));
+        assert_eq!(
+            value(
+                &t,
+                "prefect_flow_run_state_changes_total{state_name=\"MyState\"}"
+            ),
+            Some(1.0)
+        );
+        // No histogram left: the families go with them.
+        assert!(!t.contains("prefect_flow_run_duration_seconds"), "{t}");
     }
 
     #[test]

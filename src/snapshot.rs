@@ -2,6 +2,7 @@
 //! reads it: nothing in here talks to Prefect or to Prometheus, so both sides
 //! can be tested on their own.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 mod ops;
@@ -53,6 +54,37 @@ pub struct DeploymentsPart {
     pub deployments: u64,
     /// At most EXPORTER_MAX_DEPLOYMENTS entries.
     pub items: Vec<DeploymentSeries>,
+    /// Duration and start-delay histograms of listed deployments with a
+    /// finished run observed since the exporter started.
+    pub histograms: Vec<RunHistograms>,
+}
+
+/// Observations of one histogram: `counts[i]` values fell at or below
+/// `bounds[i]` and above the bound before it (not cumulative).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    /// One more than `bounds`: the last is above every bound (`+Inf`).
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+/// The histograms of one deployment, labelled like `DeploymentSeries`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunHistograms {
+    pub deployment: String,
+    pub flow: String,
+    /// Run durations by end state, in `TRACKED_END_STATES` order.
+    pub duration: [Option<Histogram>; 3],
+    pub start_delay: Option<Histogram>,
+}
+
+/// Totals of state changes since the exporter started, by state name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StateChanges {
+    pub flow_runs: BTreeMap<String, u64>,
+    pub task_runs: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +127,8 @@ pub struct Snapshot {
     pub work_pools: Option<WorkPoolsPart>,
     /// Work queues, runs in progress, concurrency limits, late-run summary.
     pub ops: OpsParts,
+    /// `None` also when the server has no events API.
+    pub state_changes: Option<StateChanges>,
     /// Prefect's own version, when the server tells it.
     pub server_version: Option<String>,
     pub groups: Vec<GroupOutcome>,

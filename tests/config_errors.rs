@@ -49,6 +49,11 @@ fn bad_values(not_pem: &str) -> Vec<(&'static str, String)> {
         ("EXPORTER_COLLECTORS", &["flow_runs,bogus", "everything"]),
         ("EXPORTER_LOOKBACK", &["0", "7w", "-1d", "soon"]),
         ("EXPORTER_MAX_DEPLOYMENTS", &["0", "-5", "many"]),
+        ("EXPORTER_EVENTS_SETTLE", &["-1", "2h", "soon"]),
+        (
+            "EXPORTER_DURATION_BUCKETS",
+            &["10,5", "1,,2", "0,1", "fast"],
+        ),
     ];
     let mut out: Vec<(&'static str, String)> = table
         .iter()
@@ -168,6 +173,8 @@ fn good_configurations_start() {
             ("EXPORTER_COLLECTORS", "flow_runs, work_pools"),
             ("EXPORTER_LOOKBACK", "12h"),
             ("EXPORTER_MAX_DEPLOYMENTS", "25"),
+            ("EXPORTER_EVENTS_SETTLE", "45s"),
+            ("EXPORTER_DURATION_BUCKETS", "10,1m,1h"),
             ("LOG_LEVEL", "DEBUG"),
         ],
         vec![

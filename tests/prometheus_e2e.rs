@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Exporter, PrefectServer, TempDir};
+use support::{Exporter, PrefectServer, ServerOptions, TempDir};
 
 /// Watched flows: flow-b (no deployment) and flow-nope (unknown) are missing.
 const CHECK: &str = "flow-a,flow-b,flow-c,flow-nope";
@@ -89,6 +89,8 @@ const FAMILIES: &[&str] = &[
     "prefect_concurrency_limit_enabled",
     "prefect_work_pool_concurrency_limit",
     "prefect_work_pool_active_slots",
+    "prefect_flow_run_state_changes_total",
+    "prefect_task_run_state_changes_total",
 ];
 
 const EXPORTER_WAIT: Duration = Duration::from_secs(30);
@@ -498,7 +500,12 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_query_has_data() {
         &fs::read_to_string(monitoring_dir().join("dashboard.json")).expect("dashboard.json"),
     )
     .expect("dashboard.json is JSON");
-    let queries = dashboard_queries(&dashboard);
+    // The histogram panels need runs that ended while the exporter ran, which
+    // the shared server must not get: run_histogram_panels_have_data checks them.
+    let queries: Vec<DashQuery> = dashboard_queries(&dashboard)
+        .into_iter()
+        .filter(|q| !is_histogram_query(&q.expr))
+        .collect();
     assert!(
         queries.len() >= 20,
         "only {} dashboard queries found",
@@ -671,6 +678,116 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_query_has_data() {
         .map(sample_labels)
         .collect();
     eprintln!("{test}: active alerts on the seeded server: {active:#?}");
+}
+
+/// A query of the run duration and start delay histograms (issue 14).
+fn is_histogram_query(expr: &str) -> bool {
+    expr.contains("prefect_flow_run_duration_seconds")
+        || expr.contains("prefect_flow_run_start_delay_seconds")
+}
+
+/// The dashboard's histogram panels, on a server of their own whose runs end
+/// while the exporter runs: every query has data, and the exposition with the
+/// histograms passes `promtool check metrics`.
+#[test]
+fn run_histogram_panels_have_data() {
+    let test = "run_histogram_panels_have_data";
+    let Some(prometheus_bin) = tool("prometheus", test) else {
+        return;
+    };
+    let Some(promtool) = tool("promtool", test) else {
+        return;
+    };
+    support::require_prefect!();
+    let dashboard: Value = serde_json::from_str(
+        &fs::read_to_string(monitoring_dir().join("dashboard.json")).expect("dashboard.json"),
+    )
+    .expect("dashboard.json is JSON");
+    let queries: Vec<(String, String)> = dashboard_queries(&dashboard)
+        .into_iter()
+        .filter(|q| is_histogram_query(&q.expr))
+        .map(|q| {
+            let s = substitute(&q.expr).unwrap_or_else(|e| panic!("{}: {e}", q.place));
+            (q.place, s)
+        })
+        .collect();
+    assert!(queries.len() >= 3, "histogram panels: {queries:?}");
+
+    let server = PrefectServer::start(ServerOptions::default());
+    let api = server.api();
+    let flow = api.create_flow("etl");
+    let deployment = api.create_deployment(&flow, "daily", None);
+    let exporter = Exporter::spawn(&[
+        ("PREFECT_API_URL", &server.api_url()),
+        ("EXPORTER_COLLECTORS", "deployments"),
+        ("PREFECT_API_REQUEST_TIMEOUT", "10"),
+    ]);
+    let prom = Prometheus::start(&prometheus_bin, &prometheus_config(exporter.addr()));
+    // Runs end (completed and failed) while Prometheus scrapes, so that the
+    // rates over the histograms have increases.
+    let finish = |end: (&str, &str)| {
+        let run = api.ok(
+            "POST",
+            &format!("/deployments/{deployment}/create_flow_run"),
+            Some(&serde_json::json!({"state": {"type": "SCHEDULED", "name": "Scheduled"}})),
+        );
+        let id = run["id"].as_str().expect("run id").to_string();
+        api.set_flow_run_state(&id, "RUNNING", "Running", true);
+        api.set_flow_run_state(&id, end.0, end.1, true);
+    };
+    let deadline = Instant::now() + DASHBOARD_DEADLINE;
+    let mut empty: Vec<&(String, String)>;
+    loop {
+        finish(("COMPLETED", "Completed"));
+        finish(("FAILED", "Failed"));
+        empty = queries
+            .iter()
+            .filter(|(_, expr)| {
+                let r = prom.query(expr).unwrap_or_else(|e| panic!("{expr}: {e}"));
+                !r.iter().any(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite)
+                })
+            })
+            .collect();
+        if empty.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    assert!(
+        empty.is_empty(),
+        "histogram panels without a finite value for {DASHBOARD_DEADLINE:?}: {empty:#?}
+{}",
+        prom.log_tail()
+    );
+
+    let text = exporter.metrics_text();
+    assert!(text.contains("# TYPE prefect_flow_run_duration_seconds histogram"));
+    assert!(text.contains("# TYPE prefect_flow_run_start_delay_seconds histogram"));
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool check metrics");
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let findings: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("duration_seconds") || l.contains("delay_seconds"))
+        .collect();
+    assert!(findings.is_empty(), "{report}");
 }
 
 /// The substituted expression of a dashboard query by its place (`title [refId]`).

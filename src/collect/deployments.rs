@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::durations::{Durations, Ended};
 use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::{DeploymentSeries, DeploymentsPart, TRACKED_END_STATES};
@@ -61,6 +62,8 @@ pub struct State {
     /// Exporter time at the start of the last pass that was read to its end.
     cursor: Option<f64>,
     cap_warned: bool,
+    /// The histograms fed by the passes (durations.rs).
+    durations: Durations,
 }
 
 /// One look at the runs that ended at or after `after`, newest first.
@@ -206,11 +209,29 @@ struct EndedRun {
     deployment_id: Option<String>,
     state_type: String,
     end_time: Option<String>,
+    #[serde(default)]
+    start_time: Option<String>,
+    #[serde(default)]
+    expected_start_time: Option<String>,
+}
+
+impl EndedRun {
+    fn ended(&self) -> Ended<'_> {
+        Ended {
+            id: &self.id,
+            deployment_id: self.deployment_id.as_deref(),
+            state_type: &self.state_type,
+            start_time: self.start_time.as_deref(),
+            end_time: self.end_time.as_deref(),
+            expected_start_time: self.expected_start_time.as_deref(),
+        }
+    }
 }
 
 pub struct Settings {
     pub lookback: Duration,
     pub max_deployments: usize,
+    pub duration_buckets: Vec<f64>,
 }
 
 pub fn collect(
@@ -236,9 +257,16 @@ pub fn collect(
     resolve_flow_names(client, &listed, &mut state.flow_names, deadline)?;
     let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
     // Last: it may use the time that is left.
-    update_last_runs(client, settings.lookback, state, deadline)?;
+    update_last_runs(client, settings, state, deadline)?;
 
     let items = build_items(&listed, &state.flow_names, &state.last_runs, late);
+    let histograms = state.durations.series(
+        items
+            .iter()
+            .zip(&listed)
+            .map(|(i, d)| (d.id.as_str(), i.name.as_str(), i.flow.as_str())),
+        capped,
+    );
     // Forget what belongs to deleted deployments. When the cap cuts, a
     // deployment that is not listed may still exist: keep its times.
     let listed_ids: HashSet<&str> = ids.iter().copied().collect();
@@ -256,6 +284,7 @@ pub fn collect(
         flows,
         deployments: total,
         items,
+        histograms,
     })
 }
 
@@ -349,7 +378,7 @@ fn ended_runs_body(after: f64, offset: usize) -> Page<RunsFilter<'static>> {
 
 fn update_last_runs(
     client: &mut Client,
-    lookback: Duration,
+    settings: &Settings,
     state: &mut State,
     deadline: Instant,
 ) -> Result<(), ApiError> {
@@ -362,7 +391,7 @@ fn update_last_runs(
             let now = rfc3339::now();
             let after = match state.cursor {
                 Some(cursor) => state.last_runs.lower_bound(cursor),
-                None => now - lookback.as_secs_f64(),
+                None => now - settings.lookback.as_secs_f64(),
             };
             Pass {
                 after,
@@ -386,6 +415,11 @@ fn update_last_runs(
             deadline,
         )?;
         state.last_runs.apply(&page);
+        state.durations.observe(
+            pass.after,
+            page.iter().map(EndedRun::ended),
+            &settings.duration_buckets,
+        );
         pass.offset += page.len();
         if page.len() < PAGE {
             state.cursor = Some(pass.started);
@@ -459,6 +493,8 @@ mod tests {
             deployment_id: dep.map(Into::into),
             state_type: state_type.into(),
             end_time: end.map(Into::into),
+            start_time: None,
+            expected_start_time: None,
         }
     }
 

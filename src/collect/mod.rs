@@ -4,6 +4,8 @@
 pub mod active_runs;
 pub mod concurrency_limits;
 pub mod deployments;
+pub mod durations;
+pub mod events;
 pub mod flow_runs;
 pub mod late_runs;
 pub mod listing;
@@ -36,6 +38,7 @@ pub struct State {
     /// Whether the cap on listed late runs / runs in progress was logged.
     late_cap_warned: bool,
     active_cap_warned: bool,
+    events: events::State,
 }
 
 /// One WARN line when a listing first hits EXPORTER_MAX_LISTED_RUNS, one INFO
@@ -160,6 +163,7 @@ pub fn collect_all(
         let settings = deployments::Settings {
             lookback: config.lookback,
             max_deployments: config.max_deployments,
+            duration_buckets: config.duration_buckets.clone(),
         };
         run_group("deployments", &mut groups, || {
             let late = shared_late(&mut late, client, config, deadline)?;
@@ -226,12 +230,22 @@ pub fn collect_all(
         max,
     );
 
+    let state_changes = if on.events {
+        run_group("events", &mut groups, || {
+            events::collect(client, config.events_settle, &mut state.events, deadline)
+        })
+        .flatten()
+    } else {
+        None
+    };
+
     let snapshot = Snapshot {
         seed,
         flow_runs,
         deployments,
         work_pools,
         ops,
+        state_changes,
         server_version: state.server_version.clone(),
         groups,
         requests: client.take_request_counts(),

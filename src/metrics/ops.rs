@@ -274,6 +274,7 @@ mod tests {
             deployments: None,
             work_pools: None,
             ops,
+            state_changes: None,
             server_version: None,
             groups: failed
                 .iter()

@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 
 pub mod ops;
 pub use ops::{seed_ops, SeededOps};
+pub mod events;
 
 // ---------------------------------------------------------------------------
 // Small OS helpers (libc is always linked by std; no extra crate needed)
@@ -297,7 +298,26 @@ pub struct ServerOptions {
     pub csrf: bool,
     /// More environment for the server (applied last).
     pub extra_env: Vec<(String, String)>,
+    /// Store events: run the event persister (which `--no-services` leaves
+    /// out) with every other service off, so that counts stay deterministic.
+    pub events: bool,
 }
+
+/// The server services other than the event persister, all off when
+/// [`ServerOptions::events`] is set.
+const NON_EVENT_SERVICES: &[&str] = &[
+    "CANCELLATION_CLEANUP",
+    "DB_VACUUM",
+    "EVENT_LOGGER",
+    "FOREMAN",
+    "LATE_RUNS",
+    "SCHEDULER",
+    "PAUSE_EXPIRATIONS",
+    "REPOSSESSOR",
+    "CLEANUP_RECONCILER",
+    "TASK_RUN_RECORDER",
+    "TRIGGERS",
+];
 
 /// A real `prefect server start --no-services` on a free loopback port.
 pub struct PrefectServer {
@@ -332,6 +352,12 @@ fn server_env(cmd: &mut Command, home: &Path, opts: &ServerOptions) {
     if let Some(auth) = &opts.auth_string {
         cmd.env("PREFECT_SERVER_API_AUTH_STRING", auth);
     }
+    if opts.events {
+        for s in NON_EVENT_SERVICES {
+            cmd.env(format!("PREFECT_SERVER_SERVICES_{s}_ENABLED"), "false");
+        }
+        cmd.env("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "true");
+    }
     for (k, v) in &opts.extra_env {
         cmd.env(k, v);
     }
@@ -348,7 +374,7 @@ fn launch_server(home: &Path, port: u16, opts: &ServerOptions, cleanup: bool) ->
     let mut cmd = watched_command(&prefect_bin(), cleanup.then_some(home));
     cmd.args(["server", "start", "--host", "127.0.0.1", "--port"])
         .arg(port.to_string())
-        .arg("--no-services")
+        .args((!opts.events).then_some("--no-services"))
         .current_dir(home)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
