@@ -25,6 +25,7 @@ pub struct State {
     version_checked: Option<Instant>,
     last_failed: bool,
     deployments: deployments::State,
+    flow_runs: flow_runs::State,
 }
 
 /// Runs one group, timed, and records how it fared.
@@ -81,10 +82,19 @@ pub fn collect_all(
     let on = config.collectors;
     let flow_runs = if on.flow_runs {
         run_group("flow_runs", &mut groups, || {
-            flow_runs::collect(client, deadline)
+            flow_runs::collect(
+                client,
+                config.flow_runs_max_age,
+                &mut state.flow_runs,
+                deadline,
+            )
         })
     } else {
         None
+    };
+    let (flow_runs, flow_runs_age) = match flow_runs {
+        Some((counts, age)) => (Some(counts), Some(age)),
+        None => (None, None),
     };
     let deployments = if on.deployments {
         let settings = deployments::Settings {
@@ -108,6 +118,7 @@ pub fn collect_all(
     let snapshot = Snapshot {
         seed,
         flow_runs,
+        flow_runs_age,
         deployments,
         work_pools,
         server_version: state.server_version.clone(),
