@@ -48,6 +48,7 @@ BENCH_FILL_ONLY=1 (only fill and cache the database)
 BENCH_XL_RUNS=100000 BENCH_LATE_DEPLOYMENTS=300 BENCH_COST_COLLECTIONS=30
 BENCH_LATE_INTERVAL=10 BENCH_LATE_COLLECTIONS=22
 BENCH_COST_ONLY=1 (only step 7, printed, RESULTS.md untouched)
+BENCH_COST_CASES=small,large,xl,xl-late (the databases of step 7)
 """
 
 import hashlib
@@ -1201,9 +1202,14 @@ def run_cost(procs, cache):
     out = []
     interval = CFG["interval"]
     n = CFG["cost_collections"]
+    cases = os.environ.get("BENCH_COST_CASES", "small,large,xl,xl-late").split(",")
     for name, db in (("small", "small.db"), ("large", "large.db"), ("xl", "xl.db")):
+        if name not in cases:
+            continue
         log(f"server cost: {name}")
         out.append(server_cost(procs, name, cache / db, interval, n))
+    if "xl-late" not in cases:
+        return out
     # 1 + K late-run counts per collection (until the shared late-run listing):
     # a longer interval, so that collections are not cut by their deadline.
     late_interval = env_int("BENCH_LATE_INTERVAL", 10)
