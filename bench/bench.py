@@ -706,7 +706,8 @@ def server_cost(procs, name, db, interval, collections):
         "history_cpu": hist_cpu,
         "history_wall": hist_wall,
         "reuse_seconds": reuse,
-        "per_collection_at_30s": steady_ex_read + hist_cpu * 30 / reuse,
+        # At most one read per collection: every ceil(reuse / 30 s)-th one.
+        "per_collection_at_30s": steady_ex_read + hist_cpu / math.ceil(reuse / 30),
         "exporter_cpu_per_collection": (end["exporter_cpu"] - start["exporter_cpu"]) / n,
         "duration_median": statistics.median(e["duration"] for e in per[s:]),
         "duration_max": max(e["duration"] for e in per[s:]),
@@ -1273,8 +1274,8 @@ def cost_report(cost, meta):
         "- The per-state breakdown is read again once its age reaches 1000 times its last "
         "read's wall time (at most 10 min): at a 2 s interval few steady windows hold a read, "
         "so its cost is measured on its own (median of 5 calls) and the per-collection cost "
-        "at the default 30 s interval is derived: without-read CPU + read CPU x 30 s / reuse "
-        "time.",
+        "at the default 30 s interval is derived: without-read CPU + read CPU / "
+        "ceil(reuse time / 30 s) (one collection in so many reads).",
         f"- Databases: {meta['method']}.",
         "",
     ]
