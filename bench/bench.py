@@ -2,10 +2,13 @@
 """`make bench` driver (stdlib only; scripts/bench.sh builds and installs, then runs this).
 
 Steps:
- 1. A Prefect database with RUNS flow runs (and a SMALL_RUNS snapshot taken on the
-    way), filled through the REST API (fill.py) and cached under
-    bench/work/cache/<key>/, key = hash of the fill parameters and Prefect's
-    version. A rerun copies the cached databases and skips the fill.
+ 1. Prefect databases with SMALL_RUNS flow runs filled through the REST API
+    (fill.py), RUNS and XL_RUNS runs made of SQL copies of those (fill_db.py),
+    and XL_RUNS plus LATE_DEPLOYMENTS deployments with a late run each, cached
+    under bench/work/cache/<key>/, key = hash of the fill parameters and
+    Prefect's version. A rerun copies the cached databases and skips the fill.
+    Every server started on one first checks that the API's counts (total, per
+    state, late runs per deployment) equal what the database holds.
  2. Two real Prefect servers (SMALL_RUNS and RUNS runs) on free loopback ports.
  3. Requests per collection at both sizes, through a counting pass-through proxy
     (proxy.py): the start-up (collections and requests until 3 collections in a
@@ -22,6 +25,10 @@ Steps:
  5. The static binary dist/prefect-exporter, if present (what the image runs):
     RSS idle and under the same wrk load.
  6. Binary and image sizes, machine description, bench/RESULTS.md (printed).
+ 7. The Prefect server's cost (server_cost) at SMALL_RUNS, RUNS and XL_RUNS
+    runs, then with the LATE_DEPLOYMENTS: its CPU from /proc minus its idle
+    rate, per steady collection and from start until steady, next to the
+    exporter's own CPU, requests and wall time per collection.
 
 Nothing here knows which collect groups the exporter has: it reads the
 per-collector series the binary exposes and counts whatever requests it sends.
@@ -38,6 +45,10 @@ BENCH_BINARY (default target/release/prefect-exporter: another build to compare)
 BENCH_EXPORTER_ENV (extra exporter environment, e.g. "MALLOC_ARENA_MAX=1")
 BENCH_NO_STATIC=1 (skip step 5)
 BENCH_FILL_ONLY=1 (only fill and cache the database)
+BENCH_XL_RUNS=100000 BENCH_LATE_DEPLOYMENTS=300 BENCH_COST_COLLECTIONS=30
+BENCH_LATE_INTERVAL=10 BENCH_LATE_COLLECTIONS=22
+BENCH_COST_ONLY=1 (only step 7, printed, RESULTS.md untouched)
+BENCH_COST_CASES=small,large,xl,xl-late (the databases of step 7)
 """
 
 import hashlib
@@ -59,6 +70,7 @@ import urllib.request
 from pathlib import Path
 
 import fill
+import fill_db
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -85,6 +97,9 @@ def env_int(name, default):
 CFG = {
     "runs": env_int("BENCH_RUNS", 20000),
     "small_runs": env_int("BENCH_SMALL_RUNS", 1000),
+    "xl_runs": env_int("BENCH_XL_RUNS", 100000),
+    "late_deployments": env_int("BENCH_LATE_DEPLOYMENTS", 300),
+    "cost_collections": env_int("BENCH_COST_COLLECTIONS", 30),
     "interval": env_int("BENCH_INTERVAL", 2),
     "collections": env_int("BENCH_COLLECTIONS", 30),
     "req_collections": env_int("BENCH_REQ_COLLECTIONS", 5),
@@ -268,8 +283,14 @@ def prefect_version():
 
 
 def ensure_cache(procs):
+    """small.db (SMALL_RUNS runs through the REST API), large.db (RUNS) and
+    xl.db (XL_RUNS): copies of small.db's runs (fill_db.py), and xl-late.db: xl.db
+    plus LATE_DEPLOYMENTS deployments with a late run each (REST)."""
     params = fill.plan_params(CFG["runs"], CFG["small_runs"])
     params["prefect"] = prefect_version()
+    params["fill"] = "rest-base-then-sql-copies-v1"
+    params["xl_runs"] = CFG["xl_runs"]
+    params["late_deployments"] = CFG["late_deployments"]
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     final = CACHE / key
     if (final / "meta.json").exists():
@@ -278,7 +299,8 @@ def ensure_cache(procs):
             f"(filled in {meta['fill_seconds']:.0f} s): no fill needed")
         return final, meta
     log(f"no cached database for these parameters (key {key}): filling "
-        f"{CFG['runs']} runs through the REST API, once (a few minutes)")
+        f"{CFG['small_runs']} runs through the REST API, then copies up to "
+        f"{CFG['runs']} and {CFG['xl_runs']} runs with SQL (a few minutes, once)")
     tmp = CACHE / f"{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -288,30 +310,64 @@ def ensure_cache(procs):
     server.wait_ready()
     api = server.api
     flow_ids, dep_ids = fill.setup(api)
-    states = fill.state_list(CFG["runs"])
+    states = fill.state_list(CFG["small_runs"])
     fill.fill_range(api, flow_ids, dep_ids, states, 0, CFG["small_runs"], log)
-    small = fill.verify(api, states[: CFG["small_runs"]])
+    small = fill.verify(api, states)
     backup_db(server.db, tmp / "small.db")
-    fill.fill_range(api, flow_ids, dep_ids, states, CFG["small_runs"], CFG["runs"], log)
-    large = fill.verify(api, states)
-    backup_db(server.db, tmp / "large.db")
     server.stop()
+    rest_seconds = time.monotonic() - t0
+    sizes_meta = {}
+    for name, runs in (("large", CFG["runs"]), ("xl", CFG["xl_runs"])):
+        t1 = time.monotonic()
+        shutil.copy(tmp / "small.db", tmp / f"{name}.db")
+        fill_db.multiply(tmp / f"{name}.db", runs, log)
+        sizes_meta[name] = {"runs": runs, "seconds": time.monotonic() - t1}
+    t1 = time.monotonic()
+    server = PrefectServer(procs, "fill-late", tmp / "home-late")
+    shutil.copy(tmp / "xl.db", server.db)
+    server.start()
+    server.wait_ready()
+    fill_db.add_late_deployments(server.api, CFG["late_deployments"], fill.WORK_POOL, log)
+    backup_db(server.db, tmp / "xl-late.db")
+    server.stop()
+    sizes_meta["xl-late"] = {"seconds": time.monotonic() - t1}
     meta = {
         "params": params,
         "fill_seconds": time.monotonic() - t0,
-        "method": "REST: POST /api/deployments/{id}/create_flow_run/bulk (100 runs per "
-                  "call) + POST /api/flow_runs/ for runs without deployment",
+        "rest_seconds": rest_seconds,
+        "sizes": sizes_meta,
+        "method": (f"REST: POST /api/deployments/{{id}}/create_flow_run/bulk (100 runs per "
+                   f"call) + POST /api/flow_runs/ for runs without deployment, "
+                   f"{CFG['small_runs']} runs in {rest_seconds:.0f} s; then SQL copies of "
+                   f"those flow_run rows (bench/fill_db.py) up to {CFG['runs']:,} and "
+                   f"{CFG['xl_runs']:,} runs, each checked against the API when used"),
         "small": small,
-        "large": large,
         "filled_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(tmp / "home", ignore_errors=True)
+    shutil.rmtree(tmp / "home-late", ignore_errors=True)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     log(f"filled and cached in {meta['fill_seconds']:.0f} s: {final.relative_to(ROOT)}")
     return final, meta
+
+
+def start_checked(procs, name, db):
+    """A Prefect server on a copy of `db`, after checking that the API's counts
+    equal what the database holds (fill_db.check_api)."""
+    server = PrefectServer(procs, name, RUN / f"prefect-{name}")
+    shutil.copy(db, server.db)
+    want = fill_db.expected_counts(server.db)
+    server.start()
+    server.wait_ready()
+    checks = fill_db.check_api(server.api, want)
+    log(f"{name}: the API's counts match the database ({want['total']:,} runs, "
+        f"{checks} counts compared)")
+    server.want = want
+    server.checks = checks
+    return server
 
 
 # ---------------------------------------------------------------- exporter
@@ -538,6 +594,131 @@ def requests_per_collection(procs, server, name):
         "up": m.get("prefect_up"),
         "collect_errors": m.get("prefect_exporter_collect_errors_total"),
     }
+
+
+def proc_cpu(pid):
+    """utime+stime of a process in seconds (clock ticks), its exited threads included."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    rest = stat[stat.rfind(")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def history_body():
+    now = time.time()
+    return {
+        "history_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 630720000)),
+        "history_end": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 630720000)),
+        "history_interval_seconds": 1261440000,
+    }
+
+
+def server_cost(procs, name, db, interval, collections):
+    """The Prefect server's CPU (utime+stime of its process minus its idle rate)
+    while one exporter starts and collects: per collection in steady state, and
+    from start until steady; plus the exporter's own CPU, its requests per
+    collection (its own prefect_exporter_api_requests_total), wall times, and
+    one breakdown read (POST /flow_runs/history) measured on its own."""
+    server = start_checked(procs, f"cost-{name}", db)
+    pid = server.proc.pid
+    time.sleep(5)  # the checks' requests are over
+    c0, t0 = proc_cpu(pid), time.monotonic()
+    time.sleep(15)
+    idle = (proc_cpu(pid) - c0) / (time.monotonic() - t0)
+    log(f"{name}: server idle {idle * 1000:.1f} ms of CPU per second")
+    sc0, st0 = proc_cpu(pid), time.monotonic()
+    exp = Exporter(procs, f"cost-{name}", server.base + "/api", interval)
+    ec0 = proc_cpu(exp.pid)
+    per = []
+    last_c = 0
+    deadline = time.monotonic() + collections * interval * 3 + 120
+    while last_c < collections:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: {collections} collections not within the time")
+        m = exp.metrics()
+        c = int(m.get("prefect_exporter_collections_total", 0))
+        if c > last_c:
+            per.append({
+                "collection": c,
+                "t": time.monotonic() - st0,
+                "server_cpu": proc_cpu(pid) - sc0,
+                "exporter_cpu": proc_cpu(exp.pid) - ec0,
+                "requests": sum(v for k, v in m.items()
+                                if k.startswith("prefect_exporter_api_requests_total")),
+                "duration": m.get("prefect_exporter_collect_duration_seconds"),
+                "age": m.get("prefect_flow_runs_age_seconds"),
+                "up": m.get("prefect_up"),
+                "last_runs": sum(1 for k in m
+                                 if k.startswith("prefect_deployment_last_run_timestamp_seconds{")),
+                "skipped": c - last_c - 1,
+            })
+            last_c = c
+        time.sleep(0.1)
+    exp.stop()
+    # One breakdown read on its own: server CPU and wall time per call.
+    hist = []
+    for _ in range(5):
+        c1, t1 = proc_cpu(pid), time.monotonic()
+        server.api.post("/flow_runs/history", history_body())
+        t2 = time.monotonic()
+        hist.append((proc_cpu(pid) - c1 - idle * (t2 - t1), t2 - t1))
+    server.stop()
+    reqs = [b["requests"] - a["requests"] for a, b in zip([{"requests": 0}] + per, per)]
+    for e, r in zip(per, reqs):
+        e["req"] = r
+    tail_reqs = sorted(reqs[len(reqs) // 2:])
+    steady_req = tail_reqs[len(tail_reqs) // 2]
+    # Steady from the first collection after which every one asks the steady
+    # count, or one more (a breakdown read).
+    s = len(per) - 1
+    while s > 1 and reqs[s - 1] in (steady_req, steady_req + 1):
+        s -= 1
+    s = max(s, 1)
+    start = per[s - 1]
+    end = per[-1]
+    n = len(per) - s
+    steady_cpu = end["server_cpu"] - start["server_cpu"] - idle * (end["t"] - start["t"])
+    reads = sum(1 for e in per[s:] if e["age"] is not None and e["age"] < interval)
+    hist_cpu = statistics.median(h[0] for h in hist)
+    hist_wall = statistics.median(h[1] for h in hist)
+    reuse = min(1000 * hist_wall, 600)
+    non_read = [e for e in per[s:] if not (e["age"] is not None and e["age"] < interval)]
+    steady_ex_read = (steady_cpu - reads * hist_cpu) / n
+    res = {
+        "name": name,
+        "runs": server.want["total"],
+        "checks": server.checks,
+        "interval": interval,
+        "idle_per_s": idle,
+        "startup_collections": s,
+        "startup_requests": start["requests"],
+        "startup_server_cpu": start["server_cpu"] - idle * start["t"],
+        "startup_seconds": start["t"],
+        "first_duration": per[0]["duration"],
+        "first_last_runs": per[0]["last_runs"],
+        "steady_last_runs": end["last_runs"],
+        "steady_collections": n,
+        "steady_requests": steady_req,
+        "steady_requests_set": sorted(set(reqs[s:])),
+        "steady_server_cpu_per_collection": steady_cpu / n,
+        "steady_breakdown_reads": reads,
+        "steady_server_cpu_without_read": steady_ex_read,
+        "non_read_collections": len(non_read),
+        "history_cpu": hist_cpu,
+        "history_wall": hist_wall,
+        "reuse_seconds": reuse,
+        # At most one read per collection: every ceil(reuse / 30 s)-th one.
+        "per_collection_at_30s": steady_ex_read + hist_cpu / math.ceil(reuse / 30),
+        "exporter_cpu_per_collection": (end["exporter_cpu"] - start["exporter_cpu"]) / n,
+        "duration_median": statistics.median(e["duration"] for e in per[s:]),
+        "duration_max": max(e["duration"] for e in per[s:]),
+        "failed": sum(1 for e in per if e["up"] != 1),
+        "per": per,
+    }
+    log(f"{name}: start-up {s} collections, {res['startup_requests']:.0f} requests, "
+        f"server {res['startup_server_cpu'] * 1000:.0f} ms; steady {steady_req} requests, "
+        f"server {res['steady_server_cpu_per_collection'] * 1000:.1f} ms per collection "
+        f"({reads} breakdown reads), history {hist_cpu * 1000:.0f} ms")
+    return res
 
 
 def collector_labels(m):
@@ -973,8 +1154,8 @@ def report(mach, load_start, load_end, pver, meta, req, perf, size, static):
         "",
         f"- Database: {CFG['runs']:,} flow runs over all 19 state names, 4 flows, "
         f"4 deployments (1 paused), 1 work pool with 1 worker; a {CFG['small_runs']:,}-run "
-        f"snapshot of the same fill for the run-count comparison. Filled once through "
-        f"the REST API ({meta['method']}) in {meta['fill_seconds']:.0f} s on "
+        f"snapshot of the same fill for the run-count comparison. Filled once "
+        f"({meta['method']}) in {meta['fill_seconds']:.0f} s on "
         f"{meta['filled_at']}, then cached in bench/work/cache/.",
         f"- Exporter: `{BINARY.relative_to(ROOT) if BINARY.is_relative_to(ROOT) else BINARY}` "
         f"with only these variables set: `PATH`, `PREFECT_HOME` (an empty directory), "
@@ -1017,6 +1198,90 @@ def report(mach, load_start, load_end, pver, meta, req, perf, size, static):
     return "\n".join(lines)
 
 
+def run_cost(procs, cache):
+    """server_cost at every size, then with the late deployments."""
+    out = []
+    interval = CFG["interval"]
+    n = CFG["cost_collections"]
+    cases = os.environ.get("BENCH_COST_CASES", "small,large,xl,xl-late").split(",")
+    for name, db in (("small", "small.db"), ("large", "large.db"), ("xl", "xl.db")):
+        if name not in cases:
+            continue
+        log(f"server cost: {name}")
+        out.append(server_cost(procs, name, cache / db, interval, n))
+    if "xl-late" not in cases:
+        return out
+    # 1 + K late-run counts per collection (until the shared late-run listing):
+    # a longer interval, so that collections are not cut by their deadline.
+    late_interval = env_int("BENCH_LATE_INTERVAL", 10)
+    log(f"server cost: xl-late (interval {late_interval} s)")
+    out.append(server_cost(procs, "xl-late", cache / "xl-late.db", late_interval,
+                           env_int("BENCH_LATE_COLLECTIONS", 22)))
+    return out
+
+
+def cost_report(cost, meta):
+    rows = []
+
+    def row(*cells):
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+
+    label = {"small": "1,000 runs", "large": "20,000 runs", "xl": "100,000 runs",
+             "xl-late": f"100,000 runs + {CFG['late_deployments']} deployments, all late"}
+    for c in cost:
+        row(f"{label.get(c['name'], c['name'])} ({c['runs']:,} runs in the database; "
+            f"{c['checks']} API counts checked against it)",
+            f"{c['steady_requests']:.0f} ({'/'.join(f'{r:.0f}' for r in c['steady_requests_set'])})",
+            f"{ms(c['duration_median'])} / {ms(c['duration_max'])}",
+            f"{ms(c['steady_server_cpu_per_collection'])} ({c['steady_breakdown_reads']} reads "
+            f"in {c['steady_collections']})",
+            ms(c["steady_server_cpu_without_read"]),
+            f"{ms(c['history_cpu'])} (wall {ms(c['history_wall'])}; reused "
+            f"{c['reuse_seconds']:.0f} s)",
+            ms(c["per_collection_at_30s"]),
+            ms(c["exporter_cpu_per_collection"]),
+            f"{c['startup_collections']} collections, {c['startup_requests']:.0f} requests, "
+            f"{c['startup_seconds']:.0f} s",
+            ms(c["startup_server_cpu"]),
+            f"{ms(c['first_duration'])}; last-run series {c['first_last_runs']} of "
+            f"{c['steady_last_runs']}",
+            c["failed"])
+    lines = [
+        "",
+        "## Prefect server cost (issue 16)",
+        "",
+        "| Database | requests per steady collection (seen) | collection wall time median / max "
+        "| server CPU per steady collection (breakdown reads in the window) | same without a "
+        "breakdown read | one breakdown read (`POST /flow_runs/history`) server CPU | "
+        "server CPU per collection at the default 30 s interval (derived) | exporter CPU per "
+        "collection | start-up until steady | server CPU from start until steady | "
+        "first collection wall time; complete? | failed collections |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "- Server CPU: utime+stime of the Prefect server process (/proc/<pid>/stat, 10 ms "
+        "ticks) minus its idle rate, measured for 15 s before the exporter starts "
+        "(" + ", ".join(f"{c['idle_per_s'] * 1000:.1f}" for c in cost) + " ms per second).",
+        f"- Exporter interval {CFG['interval']} s ({cost[-1]['interval']} s with the late "
+        f"deployments, whose late-run counts, 1 + K per collection until the shared late-run "
+        f"listing lands, take more than 2 s), EXPORTER_LOOKBACK={CFG['lookback']}; the "
+        "exporter's metrics are read every 100 ms (about 25 µs of exporter CPU each, "
+        "included in its CPU). Requests per collection: the exporter's own "
+        "`prefect_exporter_api_requests_total`.",
+        "- Steady: from the first collection after which every collection asks the same "
+        "number of requests, or one more (a breakdown read). Start-up: the collections "
+        "before it, from the exporter's start.",
+        "- The per-state breakdown is read again once its age reaches 1000 times its last "
+        "read's wall time (at most 10 min): at a 2 s interval few steady windows hold a read, "
+        "so its cost is measured on its own (median of 5 calls) and the per-collection cost "
+        "at the default 30 s interval is derived: without-read CPU + read CPU / "
+        "ceil(reuse time / 30 s) (one collection in so many reads).",
+        f"- Databases: {meta['method']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main():
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
@@ -1029,14 +1294,14 @@ def main():
         cache, meta = ensure_cache(procs)
         if os.environ.get("BENCH_FILL_ONLY"):
             return 0
-        large = PrefectServer(procs, "large", RUN / "prefect-large")
-        small = PrefectServer(procs, "small", RUN / "prefect-small")
-        shutil.copy(cache / "large.db", large.db)
-        shutil.copy(cache / "small.db", small.db)
-        large.start()
-        small.start()
-        large.wait_ready()
-        small.wait_ready()
+        if os.environ.get("BENCH_COST_ONLY"):
+            cost = run_cost(procs, cache)
+            text = cost_report(cost, meta)
+            (WORK / "last-cost.json").write_text(json.dumps(cost, indent=1, default=str))
+            print(text)
+            return 0
+        large = start_checked(procs, "large", cache / "large.db")
+        small = start_checked(procs, "small", cache / "small.db")
         pver = large.api.call("GET", "/admin/version")
         log(f"requests per collection at {CFG['small_runs']} and {CFG['runs']} runs (proxy)")
         req_small = requests_per_collection(procs, small, "small")
@@ -1048,12 +1313,16 @@ def main():
             log("RSS of the static binary dist/prefect-exporter")
             static = measure_static(procs, large, perf["warmup"]["collections"])
         large.stop()
+        cost = run_cost(procs, cache)
         load_end = loadavg()
         raw = {"cfg": CFG, "req": [req_small, req_large], "perf": perf, "meta": meta,
                "static": static}
         (WORK / "last-run.json").write_text(json.dumps(raw, indent=1, default=str))
+        raw["cost"] = cost
+        (WORK / "last-run.json").write_text(json.dumps(raw, indent=1, default=str))
         text = report(machine(), load_start, load_end, pver, meta,
                       (req_small, req_large), perf, sizes(), static)
+        text += cost_report(cost, meta)
         RESULTS.write_text(text)
         print(text)
         log(f"done in {time.monotonic() - started:.0f} s; raw data in "

@@ -21,6 +21,7 @@ pub const DEFAULT_MAX_RETRIES: u32 = 5;
 /// client never asks Cloud for one, and neither does the exporter.
 pub const PREFECT_CLOUD_API_URL: &str = "https://api.prefect.cloud/";
 pub const DEFAULT_LOOKBACK_SECS: u64 = 7 * 86_400;
+pub const DEFAULT_FLOW_RUNS_MAX_AGE_SECS: u64 = 600;
 pub const DEFAULT_MAX_DEPLOYMENTS: usize = 1000;
 pub const DEFAULT_MAX_LISTED_RUNS: usize = 1000;
 /// How long a window of events waits before it is counted (see collect/events.rs).
@@ -131,6 +132,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "how far back the first collection reads runs that ended (seconds, or with s, m, h or d)",
     ),
     (
+        "EXPORTER_FLOW_RUNS_MAX_AGE",
+        "10m",
+        "longest reuse of prefect_flow_runs (read again after 1000 times its read time; 0: every collection)",
+    ),
+    (
         "EXPORTER_MAX_DEPLOYMENTS",
         "1000",
         "most deployments that get per-deployment series (the newest created first)",
@@ -194,6 +200,8 @@ pub struct Config {
     pub events_settle: Duration,
     /// Bucket upper bounds of the duration histograms, increasing.
     pub duration_buckets: Vec<f64>,
+    /// Longest time the per-state breakdown is reused (collect::flow_runs).
+    pub flow_runs_max_age: Duration,
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -517,6 +525,11 @@ impl Config {
             None => DEFAULT_DURATION_BUCKETS.to_vec(),
         };
 
+        let flow_runs_max_age = match get("EXPORTER_FLOW_RUNS_MAX_AGE") {
+            Some(v) => parse_max_age(&v)?,
+            None => Duration::from_secs(DEFAULT_FLOW_RUNS_MAX_AGE_SECS),
+        };
+
         Ok(Config {
             api_url,
             auth,
@@ -540,6 +553,7 @@ impl Config {
             max_listed_runs,
             events_settle,
             duration_buckets,
+            flow_runs_max_age,
             warnings,
         })
     }
@@ -567,7 +581,8 @@ impl fmt::Display for Config {
             "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
              ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
              interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
-             max_deployments={} max_listed_runs={} events_settle={}s duration_buckets=[{}]",
+             max_deployments={} max_listed_runs={} events_settle={}s duration_buckets=[{}] \
+             flow_runs_max_age={}s",
             self.api_url,
             auth,
             self.request_timeout.as_secs_f64(),
@@ -599,6 +614,7 @@ impl fmt::Display for Config {
                 .map(f64::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
+            self.flow_runs_max_age.as_secs(),
         )
     }
 }
@@ -874,6 +890,21 @@ fn parse_lookback(v: &str) -> Result<Duration, ConfigError> {
         })
 }
 
+/// Like EXPORTER_LOOKBACK, and 0 (every collection) is allowed.
+fn parse_max_age(v: &str) -> Result<Duration, ConfigError> {
+    let zero = v.trim().trim_end_matches(|c: char| "smhdSMHD".contains(c));
+    if zero.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_lookback(v).map_err(|_| {
+        invalid(
+            "EXPORTER_FLOW_RUNS_MAX_AGE",
+            v.to_string(),
+            "expected seconds or a number with s, m, h or d (e.g. 10m), from 0 to 3650d",
+        )
+    })
+}
+
 fn parse_headers(
     v: &str,
     warnings: &mut Vec<String>,
@@ -1055,6 +1086,28 @@ mod tests {
             assert_eq!(
                 err_var(&[("EXPORTER_MAX_LISTED_RUNS", v)]),
                 "EXPORTER_MAX_LISTED_RUNS"
+            );
+        }
+    }
+
+    #[test]
+    fn flow_runs_max_age_takes_a_duration_or_zero() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.flow_runs_max_age, Duration::from_secs(600));
+        for (v, secs) in [("0", 0), ("0s", 0), ("90", 90), ("15m", 900), ("1h", 3600)] {
+            assert_eq!(
+                parse(&[("EXPORTER_FLOW_RUNS_MAX_AGE", v)])
+                    .unwrap()
+                    .flow_runs_max_age,
+                Duration::from_secs(secs),
+                "{v}"
+            );
+        }
+        for v in ["-1", "soon", "5w", "00x"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_FLOW_RUNS_MAX_AGE", v)]),
+                "EXPORTER_FLOW_RUNS_MAX_AGE",
+                "{v}"
             );
         }
     }

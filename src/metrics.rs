@@ -78,6 +78,7 @@ struct Series {
 /// label-less ones are vectors with no labels for the same reason.
 struct Breakdowns {
     flow_runs: IntGaugeVec,
+    flow_runs_age: GaugeVec,
     flows: IntGaugeVec,
     deployments: IntGaugeVec,
     work_pools: IntGaugeVec,
@@ -129,6 +130,13 @@ impl Breakdowns {
                 "prefect_flow_runs",
                 "Flow runs per state type and state name (custom names included).",
                 &["state_type", "state_name"],
+            ),
+            flow_runs_age: float_vec(
+                "prefect_flow_runs_age_seconds",
+                "Seconds between the reading of prefect_flow_runs from Prefect and the last \
+                 collection (the breakdown is read again after 1000 times its read time, \
+                 at most EXPORTER_FLOW_RUNS_MAX_AGE).",
+                &[],
             ),
             flows: int_vec("prefect_flows", "Flows known to Prefect.", &[]),
             deployments: int_vec("prefect_deployments", "Deployments known to Prefect.", &[]),
@@ -597,6 +605,9 @@ impl Metrics {
         if let Some(counts) = &snap.flow_runs {
             b.apply_flow_runs(counts);
         }
+        if let Some(age) = snap.flow_runs_age {
+            b.flow_runs_age.with_label_values(&[] as &[&str]).set(age);
+        }
         if let Some(part) = &snap.deployments {
             b.apply_deployments(part);
             b.apply_histograms(&part.histograms);
@@ -688,6 +699,7 @@ mod tests {
             }],
             seed,
             flow_runs: None,
+            flow_runs_age: None,
             deployments: None,
             work_pools: None,
             ops: Default::default(),
@@ -847,6 +859,7 @@ mod tests {
                 error: (!ok).then(|| "HTTP 500".to_string()),
             });
         }
+        s.flow_runs_age = flow_runs.as_ref().map(|_| 12.5);
         s.flow_runs = flow_runs;
         s.deployments = deployments;
         s.work_pools = work_pools;

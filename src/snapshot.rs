@@ -123,6 +123,9 @@ pub struct Snapshot {
     pub seed: Option<SeedCounts>,
     /// The optional groups: `None` when the group failed or is turned off.
     pub flow_runs: Option<Vec<StateCount>>,
+    /// Seconds since `flow_runs` was read from Prefect (it is reused for a
+    /// while: collect::flow_runs); with `flow_runs`.
+    pub flow_runs_age: Option<f64>,
     pub deployments: Option<DeploymentsPart>,
     pub work_pools: Option<WorkPoolsPart>,
     /// Work queues, runs in progress, concurrency limits, late-run summary.

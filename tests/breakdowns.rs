@@ -272,7 +272,9 @@ fn breakdowns_follow_changes_between_collections() {
     let running = api.create_flow_run(&etl, Some(&daily_etl), "RUNNING", "Running");
     let late_other = api.create_flow_run(&other, Some(&daily_other), "SCHEDULED", "Late");
 
-    let exp = spawn(&server.api_url(), &[]);
+    // The per-state counts are read every collection (by default they are
+    // reused while reading them again would be costly: see the next test).
+    let exp = spawn(&server.api_url(), &[("EXPORTER_FLOW_RUNS_MAX_AGE", "0")]);
     let m = exp.wait_for(all_groups_ok, WAIT);
     fn daily(flow: &str) -> [(&'static str, &str); 2] {
         [("deployment", "daily"), ("flow", flow)]
@@ -326,6 +328,10 @@ fn breakdowns_follow_changes_between_collections() {
     assert_eq!(m[&late_series("other")], 0.0);
     assert_eq!(m[&state("SCHEDULED", "Late")], 2.0);
     assert_eq!(m[&state("RUNNING", "Running")], 1.0);
+    assert!(
+        m["prefect_flow_runs_age_seconds"] < 1.0,
+        "read this collection"
+    );
     assert_eq!(m[&online("pool-quiet")], 1.0);
 
     // Deleted deployment and pool: their series go, the others stay.
@@ -345,6 +351,48 @@ fn breakdowns_follow_changes_between_collections() {
     assert_eq!(m[&late_series("etl")], 2.0);
     assert_eq!(m[&online("pool-busy")], 1.0);
     assert_last_runs(&m, &api, &daily_etl, "daily", "etl");
+    assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
+}
+
+/// By default the per-state counts are reused for 1000 times the time their
+/// reading took (at most EXPORTER_FLOW_RUNS_MAX_AGE), and their age says so:
+/// a reading of the small shared server takes a few ms, so the next
+/// collections 2 and 4 s later show the same counts, older. Runs changed
+/// meanwhile appear once the counts are read again (here within
+/// EXPORTER_FLOW_RUNS_MAX_AGE=8s).
+#[test]
+fn per_state_counts_are_reused_with_their_age() {
+    support::require_prefect!();
+    let server = PrefectServer::start(ServerOptions::default());
+    let api = server.api();
+    let etl = api.create_flow("etl");
+    let daily = api.create_deployment(&etl, "daily", None);
+    api.create_flow_runs_bulk(&daily, &[("COMPLETED", "Completed"), ("FAILED", "Failed")]);
+    let exp = spawn(&server.api_url(), &[("EXPORTER_FLOW_RUNS_MAX_AGE", "8")]);
+    let key = "prefect_exporter_collections_total";
+    let age = "prefect_flow_runs_age_seconds";
+    let completed = series(
+        "prefect_flow_runs",
+        &[("state_type", "COMPLETED"), ("state_name", "Completed")],
+    );
+    let m = exp.wait_for(all_groups_ok, WAIT);
+    let first = m[key];
+    assert!(m[age] < 1.0, "read in the first collection: {}", m[age]);
+    assert_eq!(m[&completed], 1.0);
+    // A run completes: the seed counts see it at once, the breakdown once it
+    // is read again.
+    api.create_flow_run(&etl, Some(&daily), "COMPLETED", "Completed");
+    let m = exp.wait_for(|m| m.get(key).is_some_and(|v| *v >= first + 2.0), WAIT);
+    assert_eq!(m["prefect_flow_runs_successes_total"], 2.0);
+    assert!(
+        m[age] >= 1.0,
+        "the next collection reuses the counts: age {}",
+        m[age]
+    );
+    assert_eq!(m[&completed], 1.0, "reused, not read again");
+    // Within the maximum age of 8 s the counts are read again.
+    let m = exp.wait_for(|m| m.get(&completed) == Some(&2.0), WAIT);
+    assert!(m[age] < 8.0, "age {}", m[age]);
     assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
 }
 

@@ -323,6 +323,9 @@ fn history(n: usize, late: usize) -> Vec<(&'static str, &'static str)> {
     v
 }
 
+/// The per-state counts are read every collection here, so that every
+/// collection asks the same (by default they are reused for a while: the
+/// history request then appears in some collections only).
 fn spawn(proxy: &CountingProxy) -> Exporter {
     spawn_with(proxy, &[])
 }
@@ -332,6 +335,7 @@ fn spawn_with(proxy: &CountingProxy, extra: &[(&str, &str)]) -> Exporter {
     let mut envs = vec![
         ("PREFECT_API_URL", url.as_str()),
         ("EXPORTER_INTERVAL", INTERVAL),
+        ("EXPORTER_FLOW_RUNS_MAX_AGE", "0"),
         // Every collection has a window of events to count from the start.
         ("EXPORTER_EVENTS_SETTLE", "1"),
     ];
@@ -634,19 +638,26 @@ fn assert_late(exp: &Exporter, names: &[&str], late: f64) {
     assert_eq!(all, names.len() + 1, "{m:?}");
 }
 
-/// The passes over ended runs, seen from a stub: a pass cut by a failed page
-/// goes on from that page at the next collection (it never starts over), and
-/// once it is read to its end the next pass asks only for runs that ended at or
-/// after the newest end time seen.
+/// The last-run times, seen from a stub.
+/// - Before the start: one `limit: 1` look-up per deployment and tracked state
+///   type (runs ended 10 and 20 days ago are found; one ended 60 days ago, past
+///   EXPORTER_LOOKBACK=30d, is not), each asked once.
+/// - Since the start: passes over the runs that ended from 30 s before the
+///   first collection on. A pass cut by a failed page goes on from that page at
+///   the next collection (it never starts over), and once the overlap has gone
+///   by, a pass asks only for runs that ended at or after the newest end time
+///   seen.
 #[test]
-fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
+fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs() {
     // 450 runs, newest first: runs 449..50 belong to "daily", 49..0 (the last
-    // page) to "weekly"; run i ended i seconds after BASE, in COMPLETED, FAILED
-    // or CRASHED by i % 3.
-    const BASE: &str = "2026-01-01T00:00:00Z";
-    let base = rfc3339::parse(BASE).unwrap();
+    // page) to "weekly"; run i ended 25 s - i/100 s before the test began (in
+    // the first pass's overlap), in COMPLETED, FAILED or CRASHED by i % 3.
+    // "monthly" has three runs that ended long before.
+    let base = rfc3339::now() - 25.0;
+    let end = |i: usize| rfc3339::parse(&rfc3339::format(base + i as f64 / 100.0)).unwrap();
+    let day = 86_400.0;
     let kind = |i: usize| ["COMPLETED", "FAILED", "CRASHED"][i % 3];
-    let runs: Vec<Value> = (0..450)
+    let mut runs: Vec<Value> = (0..450)
         .rev()
         .map(|i| {
             json!({
@@ -654,18 +665,33 @@ fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
                 "deployment_id": if i >= 50 { "d-daily" } else { "d-weekly" },
                 "state_type": kind(i),
                 "state_name": "whatever",
-                "end_time": rfc3339::format(base + i as f64),
+                "end_time": rfc3339::format(end(i)),
             })
         })
         .collect();
+    for (id, t, ago) in [
+        ("m1", "COMPLETED", 10.0),
+        ("m2", "FAILED", 20.0),
+        ("m3", "CRASHED", 60.0),
+    ] {
+        runs.push(json!({
+            "id": id, "deployment_id": "d-monthly", "state_type": t, "state_name": t,
+            "end_time": rfc3339::format(base - ago * day),
+        }));
+    }
     let failed_once = Arc::new(AtomicBool::new(false));
-    let passes: Arc<Mutex<Vec<(String, u64, u16)>>> = Arc::default();
-    let (f, p) = (Arc::clone(&failed_once), Arc::clone(&passes));
+    let passes: Arc<Mutex<Vec<(f64, u64, u16)>>> = Arc::default();
+    let look_ups: Arc<Mutex<Vec<(String, String, f64)>>> = Arc::default();
+    let (f, p, l) = (
+        Arc::clone(&failed_once),
+        Arc::clone(&passes),
+        Arc::clone(&look_ups),
+    );
     let data = StubData::standard();
     let handler = move |req: &support::Request| -> Response {
         let body = req.json();
         let answer = match req.api_path() {
-            "/deployments/count" => Response::json(200, &json!(2)),
+            "/deployments/count" => Response::json(200, &json!(3)),
             "/flows/count" => Response::json(200, &json!(1)),
             "/deployments/filter" => Response::json(
                 200,
@@ -674,6 +700,8 @@ fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
                      "status": "READY", "work_pool_name": null},
                     {"id": "d-weekly", "name": "weekly", "flow_id": "f-etl", "paused": true,
                      "status": "NOT_READY", "work_pool_name": "pool"},
+                    {"id": "d-monthly", "name": "monthly", "flow_id": "f-etl", "paused": false,
+                     "status": "READY", "work_pool_name": null},
                 ]),
             ),
             "/flows/filter" if body["flows"]["id"]["any_"].is_array() => {
@@ -681,21 +709,40 @@ fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
             }
             "/flow_runs/filter" if body["flow_runs"]["end_time"].is_object() => {
                 let offset = body["offset"].as_u64().unwrap_or(0);
-                let after = body["flow_runs"]["end_time"]["after_"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                if offset == 200 && !f.swap(true, Ordering::SeqCst) {
-                    p.lock().unwrap().push((after, offset, 500));
-                    return Response::json(500, &json!({"detail": "stub error"}));
+                let limit = body["limit"].as_u64().unwrap_or(200);
+                let after = rfc3339::parse(
+                    body["flow_runs"]["end_time"]["after_"]
+                        .as_str()
+                        .unwrap_or_default(),
+                )
+                .expect("an RFC 3339 after_");
+                let one = |v: &Value| {
+                    v["any_"]
+                        .as_array()
+                        .map(|a| a[0].as_str().unwrap().to_string())
+                };
+                let dep = one(&body["flow_runs"]["deployment_id"]);
+                let types = body["flow_runs"]["state"]["type"]["any_"].clone();
+                if limit == 1 {
+                    l.lock().unwrap().push((
+                        dep.clone().expect("a look-up names its deployment"),
+                        types[0].as_str().unwrap_or_default().to_string(),
+                        after,
+                    ));
+                } else {
+                    if offset == 200 && !f.swap(true, Ordering::SeqCst) {
+                        p.lock().unwrap().push((after, offset, 500));
+                        return Response::json(500, &json!({"detail": "stub error"}));
+                    }
+                    p.lock().unwrap().push((after, offset, 200));
                 }
-                p.lock().unwrap().push((after.clone(), offset, 200));
-                let after = rfc3339::parse(&after).expect("an RFC 3339 after_");
                 let page: Vec<Value> = runs
                     .iter()
                     .filter(|r| rfc3339::parse(r["end_time"].as_str().unwrap()).unwrap() >= after)
+                    .filter(|r| dep.as_deref().is_none_or(|d| r["deployment_id"] == d))
+                    .filter(|r| types.as_array().unwrap().contains(&r["state_type"]))
                     .skip(offset as usize)
-                    .take(body["limit"].as_u64().unwrap_or(200) as usize)
+                    .take(limit as usize)
                     .cloned()
                     .collect();
                 Response::json(200, &Value::Array(page))
@@ -708,8 +755,7 @@ fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
     let exp = Exporter::spawn(&[
         ("PREFECT_API_URL", &stub.api_url()),
         ("EXPORTER_INTERVAL", "1"),
-        // The stub's runs are older than the default week.
-        ("EXPORTER_LOOKBACK", "3650d"),
+        ("EXPORTER_LOOKBACK", "30d"),
     ]);
     let ts = |dep: &str, t: &str| {
         format!(
@@ -728,44 +774,82 @@ fn a_cut_pass_resumes_and_then_only_newer_runs_are_asked_for() {
         ("weekly", "FAILED", 49),
         ("weekly", "CRASHED", 47),
     ] {
-        assert_eq!(m.get(&ts(dep, t)), Some(&(base + i as f64)), "{dep} {t}");
+        assert_eq!(m.get(&ts(dep, t)), Some(&end(i)), "{dep} {t}");
     }
-    // Wait for a pass after the first one.
-    poll(|| passes.lock().unwrap().len() >= 5);
+    let monthly = |ago: f64| rfc3339::parse(&rfc3339::format(base - ago * day)).unwrap();
+    assert_eq!(m.get(&ts("monthly", "COMPLETED")), Some(&monthly(10.0)));
+    assert_eq!(m.get(&ts("monthly", "FAILED")), Some(&monthly(20.0)));
+    assert_eq!(m.get(&ts("monthly", "CRASHED")), None, "past the lookback");
+
+    // Later passes: wait until the overlap has gone by and a pass starts at
+    // the newest end time seen.
+    let newest = end(449);
+    poll_for(Duration::from_secs(45), || {
+        passes.lock().unwrap().iter().any(|(a, _, _)| *a == newest)
+    });
     let seen = passes.lock().unwrap().clone();
-    let first_after = seen[0].0.clone();
+    let first_after = seen[0].0;
+    assert!(
+        first_after <= base && first_after > base - 10.0,
+        "the first pass starts 30 s before the first collection: {first_after} vs {base}"
+    );
     assert_eq!(
         &seen[..4],
         &[
-            (first_after.clone(), 0, 200),
-            (first_after.clone(), 200, 500),
-            (first_after.clone(), 200, 200),
+            (first_after, 0, 200),
+            (first_after, 200, 500),
+            (first_after, 200, 200),
             (first_after, 400, 200),
         ],
         "the cut pass resumes at its page"
     );
-    // The newest end time seen is long before the exporter's clock: the next
-    // pass starts there and is one page with the newest run alone.
-    let newest = rfc3339::format(base + 449.0);
-    assert_eq!(seen[4], (newest.clone(), 0, 200));
+    // No later pass starts earlier; once the overlap has gone by, each starts
+    // at the newest end time seen and is one page with that run alone.
     assert!(seen[4..]
         .iter()
-        .all(|(a, o, s)| *a == newest && *o == 0 && *s == 200));
+        .all(|(a, _, s)| *a >= first_after && *s == 200));
+    let at_newest = seen.iter().position(|(a, _, _)| *a == newest).unwrap();
+    assert!(
+        seen[at_newest..]
+            .iter()
+            .all(|(a, o, _)| *a == newest && *o == 0),
+        "{seen:?}"
+    );
+
+    // Each deployment and tracked state type was looked up once, back to
+    // the lookback from the first collection.
+    let mut asked = look_ups.lock().unwrap().clone();
+    let lookback_from = asked[0].2;
+    assert!(
+        (lookback_from - (first_after + 30.0 - 30.0 * day)).abs() < 5.0,
+        "{lookback_from} vs the first pass at {first_after}"
+    );
+    assert!(asked.iter().all(|(_, _, a)| *a == lookback_from));
+    asked.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let pairs: Vec<(&str, &str)> = asked
+        .iter()
+        .map(|(d, t, _)| (d.as_str(), t.as_str()))
+        .collect();
+    let mut want = Vec::new();
+    for d in ["d-daily", "d-monthly", "d-weekly"] {
+        for t in ["COMPLETED", "CRASHED", "FAILED"] {
+            want.push((d, t));
+        }
+    }
+    assert_eq!(pairs, want, "one look-up per deployment and state type");
     let m = exp.metrics();
     assert_eq!(
         m["prefect_exporter_collect_errors_total"], 1.0,
         "only the cut collection failed"
     );
-    assert_eq!(m["prefect_deployments"], 2.0);
+    assert_eq!(m["prefect_deployments"], 3.0);
     assert_eq!(
         m.get("prefect_deployment_info{deployment=\"weekly\",flow=\"etl\",paused=\"true\",status=\"NOT_READY\",work_pool=\"pool\"}"),
         Some(&1.0)
     );
 }
 
-fn poll(cond: impl Fn() -> bool) {
-    let ok = support::poll(Duration::from_secs(30), Duration::from_millis(50), || {
-        cond().then_some(())
-    });
-    assert!(ok.is_some(), "condition not met within 30 s");
+fn poll_for(limit: Duration, cond: impl Fn() -> bool) {
+    let ok = support::poll(limit, Duration::from_millis(50), || cond().then_some(()));
+    assert!(ok.is_some(), "condition not met within {limit:?}");
 }

@@ -39,6 +39,7 @@ pub struct State {
     late_cap_warned: bool,
     active_cap_warned: bool,
     events: events::State,
+    flow_runs: flow_runs::State,
 }
 
 /// One WARN line when a listing first hits EXPORTER_MAX_LISTED_RUNS, one INFO
@@ -154,10 +155,19 @@ pub fn collect_all(
     let mut directory = None;
     let flow_runs = if on.flow_runs {
         run_group("flow_runs", &mut groups, || {
-            flow_runs::collect(client, deadline)
+            flow_runs::collect(
+                client,
+                config.flow_runs_max_age,
+                &mut state.flow_runs,
+                deadline,
+            )
         })
     } else {
         None
+    };
+    let (flow_runs, flow_runs_age) = match flow_runs {
+        Some((counts, age)) => (Some(counts), Some(age)),
+        None => (None, None),
     };
     let deployments = if on.deployments {
         let settings = deployments::Settings {
@@ -242,6 +252,7 @@ pub fn collect_all(
     let snapshot = Snapshot {
         seed,
         flow_runs,
+        flow_runs_age,
         deployments,
         work_pools,
         ops,

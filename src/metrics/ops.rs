@@ -271,6 +271,7 @@ mod tests {
         Snapshot {
             seed: None,
             flow_runs: None,
+            flow_runs_age: None,
             deployments: None,
             work_pools: None,
             ops,
