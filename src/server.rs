@@ -228,7 +228,10 @@ pub fn serve(listener: &TcpListener, metrics: &Metrics, shutdown: &Shutdown) {
         }
         if broken {
             *shutdown.lock() = None;
-            drop(server);
+            retire(server);
+            // While descriptors stay exhausted a new server fails at once: no
+            // storm of servers (each starts five threads).
+            std::thread::sleep(RETRY);
             match start(listener, shutdown, &mut restarts) {
                 Some(s) => server = s,
                 None => return,
@@ -239,6 +242,25 @@ pub fn serve(listener: &TcpListener, metrics: &Metrics, shutdown: &Shutdown) {
             trim_malloc();
             stalled.expire();
         }
+    }
+}
+
+/// Drops a server whose accept thread has ended, on a thread of its own:
+/// `Server::drop` connects to the listener to wake its accept thread, and that
+/// connect blocks for minutes while the listen backlog is full (as it is when
+/// descriptors ran out under a flood of connections).
+fn retire(server: Arc<Server>) {
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<Server>>();
+    let spawned = std::thread::Builder::new()
+        .name("http-retire".into())
+        .spawn(move || drop(rx.recv()));
+    match spawned {
+        Ok(_) => {
+            let _ = tx.send(server);
+        }
+        // No thread to spare: leak it (a few hundred bytes) rather than block
+        // here; its accept thread has ended, so nothing needs the wake-up.
+        Err(_) => std::mem::forget(server),
     }
 }
 
