@@ -28,6 +28,8 @@ const EXIT_RUNTIME: i32 = 1;
 /// How long shutdown waits for a collection in flight: its requests only read,
 /// so abandoning one loses nothing.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
+/// Longest a shutdown may take, whatever the request loop is doing.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(800);
 
 fn main() {
     limit_malloc_arenas();
@@ -121,6 +123,12 @@ fn run() -> i32 {
             };
             log::info!("{name} received, shutting down");
             on_signal.request();
+            // The request loop ends at once, unless it is writing to a client
+            // that does not read (up to twice the write timeout): exit within
+            // one second all the same.
+            std::thread::sleep(SHUTDOWN_DEADLINE);
+            log::info!("stopped (an HTTP answer was still being written)");
+            std::process::exit(0);
         });
     if let Err(e) = spawned {
         log::error!("cannot start the signal thread: {e}");

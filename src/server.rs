@@ -37,8 +37,12 @@ use crate::metrics::{Metrics, Readiness, CONTENT_TYPE};
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// `SO_SNDTIMEO`: a write that cannot make progress for this long fails. tiny_http
 /// writes an answer in a few writes, so a client that never reads holds the main
-/// thread about twice this long, once: its later requests are discarded.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// thread up to about twice this long, once: its later requests are discarded.
+/// Short, because every other scrape waits meanwhile (with 2 s, two such clients
+/// delayed a scrape past Prometheus's 10 s timeout on a loaded machine); a
+/// client that takes nothing from a full socket for a whole second is not
+/// scraping.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the loop wakes without requests: `malloc_trim`, expiry of stalled
 /// clients, and (as a fallback to `unblock`) the shutdown flag.
 const TICK: Duration = Duration::from_secs(1);

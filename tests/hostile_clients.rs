@@ -380,3 +380,28 @@ fn keep_alive_scrapes_pay_no_nagle_stall() {
         "median {median:?} over 200 keep-alive scrapes: {latencies:?}"
     );
 }
+
+#[test]
+fn sigterm_while_an_answer_is_stuck_exits_0_within_a_second() {
+    let stub = Stub::standard();
+    let mut exp = ready_exporter(&stub);
+    // A client that pipelines requests and never reads: the main thread is
+    // soon blocked writing to it, for up to twice the write timeout.
+    let mut s = TcpStream::connect(exp.addr()).unwrap();
+    s.write_all(&b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3000))
+        .unwrap();
+    thread::sleep(Duration::from_millis(1000));
+    let t = Instant::now();
+    assert!(exp.signal(support::SIGTERM));
+    let status = exp
+        .wait_exit(Duration::from_secs(10))
+        .expect("still running 10 s after SIGTERM");
+    let took = t.elapsed();
+    assert_eq!(status.code(), Some(0), "{status}\n{}", exp.stderr());
+    assert!(
+        took < Duration::from_secs(1),
+        "SIGTERM took {took:?}\n{}",
+        exp.stderr()
+    );
+    drop(s);
+}
