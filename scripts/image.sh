@@ -42,7 +42,7 @@ bin=dist/prefect-exporter
 stale=no
 if [ ! -x "$bin" ]; then
     stale=yes
-elif [ -n "$(find src Cargo.toml Cargo.lock build.rs scripts/static.sh scripts/no-unwind-tables.ld -newer "$bin" -print -quit 2>/dev/null)" ]; then
+elif [ -n "$(find src Cargo.toml Cargo.lock build.rs scripts/static.sh -newer "$bin" -print -quit 2>/dev/null)" ]; then
     stale=yes
 fi
 if [ "$stale" = yes ]; then

@@ -7,26 +7,22 @@
 # built in, so the static binary resolves /etc/hosts names and DNS names without
 # loading any libnss_*.so plugin (see deploy/README.md, "Static binary").
 #
-# Size: Cargo.toml's [profile.release] already has LTO, one codegen unit, abort on
-# panic and stripping. On top of that this build uses:
+# Size: Cargo.toml's [profile.release] already has LTO, one codegen unit and
+# stripping. On top of that this build uses:
 #   - opt-level "z" (the exporter is I/O-bound: one collection per interval,
 #     /metrics served from memory, so "z" costs nothing measurable);
 #   - a non-PIE static executable (`-C relocation-model=static`): gives up address
 #     randomisation of the executable image only (heap, stacks and mmaps stay
-#     randomised); STATIC_PIE=1 keeps PIE (+115 kB);
-#   - no unwind tables (scripts/no-unwind-tables.ld, -290 kB): a panic = "abort"
-#     binary never unwinds, and a stripped one prints no backtrace frames anyway.
-#     Only with rust-lld, the default linker of x86_64-unknown-linux-gnu since Rust
-#     1.90 (GNU ld refuses the script); UNWIND_TABLES=1 keeps them.
-# Measured: 3.11 MB with unwind tables, 2.77 MB without (target: under 3 MB); the
-# build-by-build figures are in deploy/README.md.
+#     randomised); STATIC_PIE=1 keeps PIE (+115 kB).
+# The unwind tables (.eh_frame) stay: the release profile unwinds on panic so the
+# exporter survives tiny_http's accept thread panicking when file descriptors run
+# out (src/server.rs); the build-by-build sizes are in deploy/README.md.
 #
 # Usage: scripts/static.sh [extra cargo build arguments, e.g. --locked]
 # Environment:
 #   TARGET            target triple (default x86_64-unknown-linux-gnu)
 #   OPT_LEVEL         opt-level of this build (default z)
 #   STATIC_PIE        1: static-pie instead of a plain static executable
-#   UNWIND_TABLES     1: keep the unwind tables (.eh_frame)
 #   MAX_BINARY_BYTES  size target; a bigger binary only warns here (default 3000000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,17 +42,6 @@ if [ "$target" != "$host" ] && command -v rustup >/dev/null 2>&1; then
     if ! rustup target list --installed | grep -qx "$target"; then
         rustup target add "$target"
     fi
-fi
-
-# rust-lld links x86_64-unknown-linux-gnu by default since Rust 1.90.
-rustc_minor="$(rustc --version | sed -n 's/^rustc 1\.\([0-9]*\)\..*/\1/p')"
-if [ "${UNWIND_TABLES:-0}" = 1 ]; then
-    echo "static.sh: keeping the unwind tables (UNWIND_TABLES=1)"
-elif [ "$target" = x86_64-unknown-linux-gnu ] && [ "${rustc_minor:-0}" -ge 90 ]; then
-    flags+=(-C "link-arg=-Wl,-T,$PWD/scripts/no-unwind-tables.ld")
-else
-    echo "static.sh: keeping the unwind tables (+290 kB): dropping them needs rust-lld," \
-        "the default linker of x86_64-unknown-linux-gnu since Rust 1.90" >&2
 fi
 
 # Flags from the caller's environment (e.g. a cargo that runs this script) would

@@ -1,5 +1,6 @@
 //! Wiring only: configuration (exit 2 on error), logging, client, collector
-//! thread, HTTP server until SIGTERM/SIGINT, then a clean exit 0.
+//! thread, then the HTTP request loop on this main thread until SIGTERM/SIGINT,
+//! then a clean exit 0.
 
 mod collect;
 mod collector;
@@ -27,6 +28,8 @@ const EXIT_RUNTIME: i32 = 1;
 /// How long shutdown waits for a collection in flight: its requests only read,
 /// so abandoning one loses nothing.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
+/// Longest a shutdown may take, whatever the request loop is doing.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(800);
 
 fn main() {
     limit_malloc_arenas();
@@ -107,20 +110,33 @@ fn run() -> i32 {
         log::error!("cannot start the collector thread: {e}");
         return EXIT_RUNTIME;
     }
-    if let Err(e) = server::spawn(listener, Arc::clone(&metrics)) {
-        log::error!("cannot start the HTTP server thread: {e}");
+    // The signal side only ends the request loop; the main thread does the rest.
+    let shutdown = Arc::new(server::Shutdown::default());
+    let on_signal = Arc::clone(&shutdown);
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let name = match signals.forever().next() {
+                Some(SIGTERM) => "SIGTERM",
+                Some(_) => "SIGINT",
+                None => "end of signal stream",
+            };
+            log::info!("{name} received, shutting down");
+            on_signal.request();
+            // The request loop ends at once, unless it is writing to a client
+            // that does not read (up to twice the write timeout): exit within
+            // one second all the same.
+            std::thread::sleep(SHUTDOWN_DEADLINE);
+            log::info!("stopped (an HTTP answer was still being written)");
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the signal thread: {e}");
         return EXIT_RUNTIME;
     }
     log::info!("listening on http://{bound}/metrics");
+    server::serve(&listener, &metrics, &shutdown);
 
-    // The main thread only waits for the signal; serving happens on the server's
-    // threads, which end with the process.
-    let name = match signals.forever().next() {
-        Some(SIGTERM) => "SIGTERM",
-        Some(_) => "SIGINT",
-        None => "end of signal stream",
-    };
-    log::info!("{name} received, shutting down");
     // Wakes the collector from its wait between collections at once.
     drop(stop_tx);
     if done_rx.recv_timeout(SHUTDOWN_GRACE).is_err() {

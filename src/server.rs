@@ -1,60 +1,60 @@
-//! The HTTP side: a deliberately small HTTP/1.1 server. Every answer comes from
-//! memory (`Metrics`), so a slow or dead Prefect never slows a scrape, and every
-//! resource a client can make it spend is bounded:
+//! The HTTP side: tiny_http, answered on the main thread. Every answer comes
+//! from memory (`Metrics`), so a slow or dead Prefect never slows a scrape.
 //!
-//! - at most `max_connections` connections (one thread each, small stacks); when
-//!   full, the connection that has waited longest for its request is closed to
-//!   make room, so idle clients can never lock a scraper out;
-//! - a request head (request line and headers) is at most `MAX_HEAD` bytes,
-//!   read into one fixed buffer: 414/431 beyond it, never a growing buffer;
-//! - a request head must arrive within `HEAD_TIMEOUT` of its first byte and an
-//!   idle connection is closed after `IDLE_TIMEOUT` (slow-loris clients);
-//! - an answer must be written within `WRITE_TIMEOUT`, else the connection is
-//!   dropped (clients that never read); one connection's requests are answered
-//!   in order on its own thread, so such a client only ever blocks itself;
-//! - request bodies are never buffered: a request with one is answered and the
-//!   connection closed;
-//! - accept errors (file descriptors exhausted) and thread spawn failures are
-//!   logged and survived, never fatal.
+//! tiny_http has no limits of its own, so the robustness lives around it:
+//! - the listening socket is ours, with `TCP_NODELAY`, `SO_RCVTIMEO` and
+//!   `SO_SNDTIMEO`; Linux gives every accepted socket the listener's options, so
+//!   small answers leave at once, a silent client is dropped after `READ_TIMEOUT`
+//!   and a blocked write fails after `WRITE_TIMEOUT`;
+//! - a client whose answer could not be written in time gets no second chance to
+//!   hold the main thread: its later (pipelined) requests are discarded unanswered;
+//! - tiny_http's accept thread ends for good on an accept error (EMFILE) and
+//!   panics when a `try_clone` of an accepted socket fails: either way a new
+//!   `Server` is started on a clone of the listener, so running out of file
+//!   descriptors never stops the exporter for longer than the shortage;
+//! - one malloc arena (set in `main`) and `malloc_trim` once a second give back
+//!   what the connection threads of an attack allocated.
 //!
-//! It replaces tiny_http 0.12, which has none of these bounds: unlimited header
-//! lines and threads, no timeouts, an unbounded queue that pipelined requests fill,
-//! and an accept thread that ends for good on EMFILE (the exporter then exits).
+//! What tiny_http cannot bound (the length of a header line, the number of
+//! connection threads, its queue of parsed requests) is measured in the README,
+//! section "Hostile clients".
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
+use std::io::{self, Cursor, Read};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::metrics::{Metrics, Readiness, CONTENT_TYPE};
-use crate::process;
+use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
-/// Request line plus headers. Prometheus sends about 300 bytes; browsers and curl
-/// well under 2 KiB. nginx's default for one header line is 1 KiB, its large
-/// buffers 8 KiB.
-pub const MAX_HEAD: usize = 8 * 1024;
-/// The whole request head must arrive within this time after its first byte.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection with no request in progress is closed after this; longer than
-/// the 15 s default scrape interval, so Prometheus keeps reusing its connection.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// One whole answer must be written within this time.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections served at once; lowered when the file descriptor limit is
-/// low, so the limit is reached before the descriptors run out.
-pub const MAX_CONNECTIONS: usize = 512;
-/// After an answer that closes the connection, unread input is drained for at
-/// most this long (and `LINGER_BYTES`) so the client gets the answer rather than
-/// a reset.
-const LINGER_TIME: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 4 * 1024 * 1024;
-/// Connection threads only parse a small buffer and write prepared bytes.
-const THREAD_STACK: usize = 128 * 1024;
-/// Repeated accept or spawn failures are logged at WARN at most this often.
+use crate::metrics::{Metrics, Readiness, CONTENT_TYPE};
+
+/// `SO_RCVTIMEO`: a connection whose client sends nothing for this long is
+/// answered 408 and closed by its tiny_http thread. Longer than the usual 15 s
+/// scrape interval, so Prometheus keeps reusing its connection.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// `SO_SNDTIMEO`: a write that cannot make progress for this long fails. tiny_http
+/// writes an answer in a few writes, so a client that never reads holds the main
+/// thread up to about twice this long, once: its later requests are discarded.
+/// Short, because every other scrape waits meanwhile (with 2 s, two such clients
+/// delayed a scrape past Prometheus's 10 s timeout on a loaded machine); a
+/// client that takes nothing from a full socket for a whole second is not
+/// scraping.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the loop wakes without requests: `malloc_trim`, expiry of stalled
+/// clients, and (as a fallback to `unblock`) the shutdown flag.
+const TICK: Duration = Duration::from_secs(1);
+/// Repeated server restarts are logged at WARN at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// How long the address of a client that did not take its answer is remembered.
+/// A new connection from the very same address and port within that time would
+/// be discarded too, which needs the client's ephemeral ports to wrap around.
+const STALLED_FOR: Duration = Duration::from_secs(300);
+const STALLED_MAX: usize = 1024;
+/// Pause between attempts to start a server while descriptors are exhausted.
+const RETRY: Duration = Duration::from_millis(100);
 
 const INDEX: &str = concat!(
     "<!DOCTYPE html>\n<html><head><title>Prefect exporter</title></head><body>\n",
@@ -65,8 +65,14 @@ const INDEX: &str = concat!(
     "</ul>\n</body></html>\n"
 );
 
+/// Raised by the panic hook when a thread without a name panics: only tiny_http
+/// starts such threads (ours are named), and its accept thread panics when the
+/// descriptors run out.
+static TINY_HTTP_PANICKED: AtomicBool = AtomicBool::new(false);
+
 /// Binds the given address, or by default every interface: IPv6 and IPv4 at once
-/// where the host has IPv6, plain IPv4 otherwise.
+/// where the host has IPv6, plain IPv4 otherwise. The listener carries the
+/// socket options every accepted connection inherits.
 pub fn bind(address: Option<IpAddr>, port: u16) -> Result<(TcpListener, SocketAddr), String> {
     let candidates: Vec<IpAddr> = match address {
         Some(a) => vec![a],
@@ -80,6 +86,7 @@ pub fn bind(address: Option<IpAddr>, port: u16) -> Result<(TcpListener, SocketAd
         let wanted = SocketAddr::new(ip, port);
         match TcpListener::bind(wanted) {
             Ok(listener) => {
+                set_options(&listener).map_err(|e| format!("{wanted}: socket options: {e}"))?;
                 let bound = listener.local_addr().unwrap_or(wanted);
                 return Ok((listener, bound));
             }
@@ -89,23 +96,77 @@ pub fn bind(address: Option<IpAddr>, port: u16) -> Result<(TcpListener, SocketAd
     Err(last_error)
 }
 
-/// Starts the accept loop on its own thread; it serves until the process exits.
-pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
-    let max = connection_limit();
-    log::debug!("serving at most {max} connections at once");
-    let registry = Arc::new(Registry::new(max));
-    thread::Builder::new()
-        .name("http-accept".into())
-        .spawn(move || accept_loop(&listener, &metrics, &registry))
-        .map(|_| ())
+/// Sets the options accepted sockets inherit on Linux (tiny_http never sets any).
+fn set_options(listener: &TcpListener) -> io::Result<()> {
+    let fd = listener.as_raw_fd();
+    set_option(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1 as &libc::c_int)?;
+    set_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        &timeval(READ_TIMEOUT),
+    )?;
+    set_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDTIMEO,
+        &timeval(WRITE_TIMEOUT),
+    )
 }
 
-/// `MAX_CONNECTIONS`, or fewer when the soft limit on open files would be hit
-/// first (the exporter needs a few descriptors of its own).
-fn connection_limit() -> usize {
-    match process::open_files_limit() {
-        Some(n) => MAX_CONNECTIONS.min(n.saturating_sub(32).max(16)),
-        None => MAX_CONNECTIONS,
+fn timeval(d: Duration) -> libc::timeval {
+    libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    }
+}
+
+fn set_option<T>(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` points to a live T whose size is passed along; the kernel
+    // only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// How the signal side ends the request loop: a flag, and `unblock()` on the
+/// server the loop is waiting on (which changes when a server is replaced).
+#[derive(Default)]
+pub struct Shutdown {
+    stop: AtomicBool,
+    current: Mutex<Option<Arc<Server>>>,
+}
+
+impl Shutdown {
+    pub fn request(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(server) = self.lock().as_ref() {
+            server.unblock();
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Server>>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -124,478 +185,197 @@ impl Throttle {
     }
 }
 
-fn accept_loop(listener: &TcpListener, metrics: &Arc<Metrics>, registry: &Arc<Registry>) {
-    let mut full = Throttle(None);
-    let mut failing = Throttle(None);
-    loop {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                match e.raw_os_error() {
-                    // Out of file descriptors (process or system): free one by
-                    // closing the connection that has waited longest, then retry.
-                    Some(23 | 24) => {
-                        full.warn(&format!(
-                            "cannot accept a connection: {e}; closing the longest-idle one"
-                        ));
-                        registry.evict_one();
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                    // The client gave up before we accepted: nothing to do.
-                    Some(4 | 103) => {}
-                    _ => {
-                        failing.warn(&format!("cannot accept a connection: {e}"));
-                        thread::sleep(Duration::from_millis(100));
-                    }
-                }
-                continue;
-            }
-        };
-        let stream = Arc::new(stream);
-        let id = match registry.admit(&stream) {
-            Admitted::Yes(id) => id,
-            Admitted::AfterEviction(id) => {
-                full.warn(&format!(
-                    "connection limit ({}) reached: closing the longest-idle connections",
-                    registry.max
-                ));
-                id
-            }
-            Admitted::No => {
-                full.warn(&format!(
-                    "connection limit ({}) reached and every connection is busy: refusing one",
-                    registry.max
-                ));
-                continue;
-            }
-        };
-        let conn = Connection {
-            id,
-            stream,
-            registry: Arc::clone(registry),
-        };
-        let metrics = Arc::clone(metrics);
-        let spawned = thread::Builder::new()
-            .name("http".into())
-            .stack_size(THREAD_STACK)
-            .spawn(move || serve_connection(&conn, &metrics));
-        if let Err(e) = spawned {
-            // The closure (and so the connection) was dropped: it is closed and
-            // unregistered already.
-            failing.warn(&format!("cannot start a connection thread: {e}"));
-        }
-    }
-}
-
-/// The open connections, to enforce the limit and to pick which one to close
-/// when it is reached.
-struct Registry {
-    max: usize,
-    next_id: AtomicU64,
-    conns: Mutex<HashMap<u64, Entry>>,
-}
-
-struct Entry {
-    stream: Arc<TcpStream>,
-    /// Since when the connection has been waiting for (the rest of) a request;
-    /// `None` while an answer is being written.
-    waiting_since: Option<Instant>,
-}
-
-impl Registry {
-    fn new(max: usize) -> Registry {
-        Registry {
-            max,
-            next_id: AtomicU64::new(0),
-            conns: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers a new connection, closing the longest-waiting one if the limit
-    /// is reached; refused when every connection is busy writing an answer.
-    fn admit(&self, stream: &Arc<TcpStream>) -> Admitted {
-        let mut conns = self.lock();
-        let full = conns.len() >= self.max;
-        if full && !Self::evict_from(&mut conns) {
-            return Admitted::No;
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        conns.insert(
-            id,
-            Entry {
-                stream: Arc::clone(stream),
-                waiting_since: Some(Instant::now()),
-            },
-        );
-        if full {
-            Admitted::AfterEviction(id)
+/// Panics of tiny_http's (unnamed) threads raise `TINY_HTTP_PANICKED` for the
+/// request loop; a panic of one of our own threads still ends the process, as
+/// it did when the binary aborted on panic.
+fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name().is_none() {
+            TINY_HTTP_PANICKED.store(true, Ordering::SeqCst);
+            log::debug!("an HTTP connection thread panicked: {info}");
         } else {
-            Admitted::Yes(id)
+            previous(info);
+            std::process::abort();
         }
-    }
+    }));
+}
 
-    fn evict_one(&self) -> bool {
-        Self::evict_from(&mut self.lock())
-    }
-
-    fn evict_from(conns: &mut HashMap<u64, Entry>) -> bool {
-        let oldest = conns
-            .iter()
-            .filter_map(|(id, e)| e.waiting_since.map(|t| (t, *id)))
-            .min();
-        match oldest.and_then(|(_, id)| conns.remove(&id)) {
-            Some(e) => {
-                // Its thread wakes from its read with end-of-file and ends.
-                let _ = e.stream.shutdown(Shutdown::Both);
+/// The request loop, on the calling (main) thread, until `shutdown` is requested.
+pub fn serve(listener: &TcpListener, metrics: &Metrics, shutdown: &Shutdown) {
+    install_panic_hook();
+    let mut restarts = Throttle(None);
+    let Some(mut server) = start(listener, shutdown, &mut restarts) else {
+        return;
+    };
+    let mut stalled = Stalled::default();
+    let mut last_tick = Instant::now();
+    while !shutdown.requested() {
+        let mut broken = match server.recv_timeout(TICK) {
+            Ok(Some(request)) => {
+                answer(request, metrics, &mut stalled);
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                restarts.warn(&format!(
+                    "the HTTP server stopped accepting connections ({e}); starting a new one"
+                ));
                 true
             }
-            None => false,
+        };
+        if TINY_HTTP_PANICKED.swap(false, Ordering::SeqCst) {
+            restarts.warn(
+                "an HTTP server thread panicked (out of file descriptors?); starting a new server",
+            );
+            broken = true;
+        }
+        if broken {
+            *shutdown.lock() = None;
+            retire(server);
+            // While descriptors stay exhausted a new server fails at once: no
+            // storm of servers (each starts five threads).
+            std::thread::sleep(RETRY);
+            match start(listener, shutdown, &mut restarts) {
+                Some(s) => server = s,
+                None => return,
+            }
+        }
+        if last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            trim_malloc();
+            stalled.expire();
         }
     }
+}
 
-    fn set_waiting(&self, id: u64, since: Option<Instant>) {
-        if let Some(e) = self.lock().get_mut(&id) {
-            e.waiting_since = since;
+/// Drops a server whose accept thread has ended, on a thread of its own:
+/// `Server::drop` connects to the listener to wake its accept thread, and that
+/// connect blocks for minutes while the listen backlog is full (as it is when
+/// descriptors ran out under a flood of connections).
+fn retire(server: Arc<Server>) {
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<Server>>();
+    let spawned = std::thread::Builder::new()
+        .name("http-retire".into())
+        .spawn(move || drop(rx.recv()));
+    match spawned {
+        Ok(_) => {
+            let _ = tx.send(server);
         }
+        // No thread to spare: leak it (a few hundred bytes) rather than block
+        // here; its accept thread has ended, so nothing needs the wake-up.
+        Err(_) => std::mem::forget(server),
     }
 }
 
-enum Admitted {
-    Yes(u64),
-    AfterEviction(u64),
-    No,
-}
-
-/// A registered connection; unregisters itself however its thread ends.
-struct Connection {
-    id: u64,
-    stream: Arc<TcpStream>,
-    registry: Arc<Registry>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
-    }
-}
-
-/// What a request head parses to; the target is kept as bytes (it is only
-/// compared with our fixed paths, never echoed or logged in full).
-#[derive(Debug, PartialEq, Eq)]
-struct Head<'a> {
-    method: &'a [u8],
-    path: &'a [u8],
-    /// HTTP/1.1 (true) or HTTP/1.0 (false).
-    http11: bool,
-    close: bool,
-    has_body: bool,
-}
-
-/// An answer: status, content type, body, and whether to close afterwards.
-struct Answer {
-    status: u16,
-    content_type: &'static str,
-    body: Body,
-    allow: bool,
-}
-
-enum Body {
-    Static(&'static [u8]),
-    Owned(Vec<u8>),
-    /// /metrics: the last collection's rendering, then the process series; sent
-    /// as they are, without copying them into one buffer.
-    Metrics(Arc<Vec<u8>>, Arc<Vec<u8>>),
-}
-
-impl Body {
-    fn parts(&self) -> [&[u8]; 2] {
-        match self {
-            Body::Static(b) => [b, &[]],
-            Body::Owned(b) => [b, &[]],
-            Body::Metrics(a, b) => [a, b],
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.parts().iter().map(|p| p.len()).sum()
-    }
-}
-
-/// Why reading a request head stopped.
-enum ReadOutcome {
-    /// A complete head ends at this offset of the buffer.
-    Head(usize),
-    /// The client closed, reset, or stayed idle past `IDLE_TIMEOUT`: close quietly.
-    Gone,
-    /// The client started a request and did not finish it in time.
-    TooSlow,
-    /// The head does not fit in `MAX_HEAD`.
-    TooLarge,
-}
-
-fn serve_connection(conn: &Connection, metrics: &Metrics) {
-    let stream: &TcpStream = &conn.stream;
-    // Small answers go out at once rather than waiting for an ACK (Nagle).
-    let _ = stream.set_nodelay(true);
-    let mut buf = vec![0u8; MAX_HEAD];
-    let mut filled = 0;
-    // The first wait counts from the accept (set by `admit`), so connections are
-    // evicted in the order they came, however late their threads start.
+/// A new tiny_http server on a clone of the listener, retried while no
+/// descriptor is free; `None` when shutdown was requested meanwhile.
+fn start(
+    listener: &TcpListener,
+    shutdown: &Shutdown,
+    restarts: &mut Throttle,
+) -> Option<Arc<Server>> {
     loop {
-        let end = match read_head(stream, &mut buf, &mut filled) {
-            ReadOutcome::Head(end) => end,
-            ReadOutcome::Gone => return,
-            ReadOutcome::TooSlow => {
-                log::debug!("HTTP client too slow to send its request: closing");
-                return refuse(conn, 408, "request timeout\n");
+        if shutdown.requested() {
+            return None;
+        }
+        let started = listener
+            .try_clone()
+            .map_err(|e| e.to_string())
+            .and_then(|l| Server::from_listener(l, None).map_err(|e| e.to_string()));
+        match started {
+            Ok(server) => {
+                let server = Arc::new(server);
+                *shutdown.lock() = Some(Arc::clone(&server));
+                // A request that came before the server was published.
+                if shutdown.requested() {
+                    return None;
+                }
+                return Some(server);
             }
-            ReadOutcome::TooLarge => {
-                let line_fits = buf.contains(&b'\n');
-                log::debug!("HTTP request head over {MAX_HEAD} bytes: refused");
-                return if line_fits {
-                    refuse(conn, 431, "request header fields too large\n")
-                } else {
-                    refuse(conn, 414, "URI too long\n")
-                };
+            Err(e) => {
+                restarts.warn(&format!("cannot start the HTTP server: {e}; retrying"));
+                std::thread::sleep(RETRY);
             }
-        };
-        conn.registry.set_waiting(conn.id, None);
-        let head = match parse_head(&buf[..end]) {
-            Ok(h) => h,
-            Err((status, why)) => {
-                log::debug!("malformed HTTP request: {why}");
-                return refuse(conn, status, "bad request\n");
-            }
-        };
-        let answer = route(&head, metrics);
-        log::trace!(
-            "{} {} -> {}",
-            String::from_utf8_lossy(head.method),
-            printable(head.path),
-            answer.status
+        }
+    }
+}
+
+/// Gives the pages that freed memory leaves in the heap back to the system:
+/// glibc keeps them, so after an attack's connection threads are gone the
+/// resident size would stay at its peak.
+fn trim_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Clients (address and port, so one connection) that did not take an answer
+/// within the write timeout.
+#[derive(Default)]
+struct Stalled(HashMap<SocketAddr, Instant>);
+
+impl Stalled {
+    fn contains(&self, peer: &SocketAddr) -> bool {
+        self.0.contains_key(peer)
+    }
+
+    fn insert(&mut self, peer: SocketAddr) {
+        if self.0.len() >= STALLED_MAX {
+            self.0.clear();
+        }
+        self.0.insert(peer, Instant::now());
+    }
+
+    fn expire(&mut self) {
+        self.0.retain(|_, since| since.elapsed() < STALLED_FOR);
+    }
+}
+
+fn answer(request: Request, metrics: &Metrics, stalled: &mut Stalled) {
+    let peer = request.remote_addr().copied();
+    if peer.is_some_and(|p| stalled.contains(&p)) {
+        // Dropping an unanswered request would write a 500 (and block again);
+        // dropping its writer writes nothing.
+        drop(request.into_writer());
+        return;
+    }
+    let reply = route(request.method(), path_of(request.url()), metrics);
+    log::trace!(
+        "{} {} -> {}",
+        request.method(),
+        printable(request.url()),
+        reply.status
+    );
+    if let Err(e) = request.respond(reply.into_response()) {
+        log::debug!(
+            "HTTP client did not take its answer in time ({e}): ignoring its later requests"
         );
-        // HTTP/1.0 clients are answered and closed; so is any request that comes
-        // with a body, which is never read.
-        let close = head.close || head.has_body || !head.http11;
-        let is_head = head.method == b"HEAD";
-        if write_answer(stream, &answer, is_head, close).is_err() {
-            log::debug!("HTTP client did not take its answer in time: closing");
-            return;
-        }
-        if close {
-            return linger(stream);
-        }
-        // Pipelined requests: keep what follows this head.
-        buf.copy_within(end..filled, 0);
-        filled -= end;
-        conn.registry.set_waiting(conn.id, Some(Instant::now()));
-    }
-}
-
-/// Reads until `buf[..filled]` holds a whole request head.
-fn read_head(stream: &TcpStream, buf: &mut [u8], filled: &mut usize) -> ReadOutcome {
-    let idle_deadline = Instant::now() + IDLE_TIMEOUT;
-    let mut head_deadline = None;
-    loop {
-        // Empty lines before a request line are allowed (RFC 9112, 2.2).
-        let start = buf[..*filled]
-            .iter()
-            .position(|b| !matches!(b, b'\r' | b'\n'))
-            .unwrap_or(*filled);
-        if start > 0 {
-            buf.copy_within(start..*filled, 0);
-            *filled -= start;
-        }
-        if *filled > 0 {
-            if let Some(end) = head_end(&buf[..*filled]) {
-                return ReadOutcome::Head(end);
-            }
-            if hopeless(&buf[..*filled]) {
-                // `parse_head` rejects it with the right status.
-                return ReadOutcome::Head(*filled);
-            }
-            if *filled == buf.len() {
-                return ReadOutcome::TooLarge;
-            }
-            head_deadline.get_or_insert_with(|| Instant::now() + HEAD_TIMEOUT);
-        }
-        let deadline = head_deadline.unwrap_or(idle_deadline);
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return if *filled > 0 {
-                ReadOutcome::TooSlow
-            } else {
-                ReadOutcome::Gone
-            };
-        }
-        if stream.set_read_timeout(Some(left)).is_err() {
-            return ReadOutcome::Gone;
-        }
-        match (&*stream).read(&mut buf[*filled..]) {
-            Ok(0) => return ReadOutcome::Gone,
-            Ok(n) => *filled += n,
-            Err(e) if is_retry(&e) => {}
-            Err(_) => return ReadOutcome::Gone,
+        if let Some(p) = peer {
+            stalled.insert(p);
         }
     }
-}
-
-/// Read/write timeouts surface as WouldBlock or TimedOut; the deadline decides.
-fn is_retry(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
-}
-
-/// The offset just past the blank line ending a head (CRLF or bare LF lines).
-fn head_end(data: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(pos) = data[i..].iter().position(|&b| b == b'\n') {
-        let nl = i + pos;
-        let rest = &data[nl + 1..];
-        if rest.starts_with(b"\n") {
-            return Some(nl + 2);
-        }
-        if rest.starts_with(b"\r\n") {
-            return Some(nl + 3);
-        }
-        i = nl + 1;
-    }
-    None
-}
-
-/// The method, target and version of a request line.
-type RequestLine<'a> = (&'a [u8], &'a [u8], bool);
-
-fn parse_request_line(line: &[u8]) -> Result<RequestLine<'_>, (u16, &'static str)> {
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err((400, "request line is not METHOD TARGET VERSION"));
-    };
-    if method.is_empty() || !method.iter().all(|&b| is_token(b)) {
-        return Err((400, "bad method"));
-    }
-    let http11 = match version {
-        b"HTTP/1.1" => true,
-        b"HTTP/1.0" => false,
-        v if v.starts_with(b"HTTP/") && v.len() == 8 => {
-            return Err((505, "unsupported HTTP version"))
-        }
-        _ => return Err((400, "bad HTTP version")),
-    };
-    if target.is_empty() || target.iter().any(|b| b.is_ascii_control() || *b == b' ') {
-        return Err((400, "bad request target"));
-    }
-    Ok((method, target, http11))
-}
-
-/// True when the start of a request already shows it cannot be valid (binary
-/// garbage, a TLS handshake, a broken request line): it is answered at once
-/// rather than after waiting for the rest.
-fn hopeless(start: &[u8]) -> bool {
-    match start.iter().position(|&b| b == b'\n') {
-        Some(nl) => {
-            let line = &start[..nl];
-            parse_request_line(line.strip_suffix(b"\r").unwrap_or(line)).is_err()
-        }
-        None => {
-            let method_end = start.iter().position(|&b| b == b' ').unwrap_or(start.len());
-            method_end > 32 || !start[..method_end].iter().all(|&b| is_token(b))
-        }
-    }
-}
-
-fn parse_head(data: &[u8]) -> Result<Head<'_>, (u16, &'static str)> {
-    let mut lines = data
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let (method, target, http11) = parse_request_line(lines.next().unwrap_or_default())?;
-    let path = path_of(target);
-    let (mut close, mut has_body) = (false, false);
-    for line in lines {
-        if line.is_empty() {
-            break;
-        }
-        if line.starts_with(b" ") || line.starts_with(b"\t") {
-            return Err((400, "folded header line"));
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return Err((400, "header line without a colon"));
-        };
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
-            return Err((400, "bad header name"));
-        }
-        if name.eq_ignore_ascii_case(b"connection") {
-            close |= value
-                .split(|&b| b == b',')
-                .any(|option| trim(option).eq_ignore_ascii_case(b"close"));
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            has_body = true;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or((400, "bad Content-Length"))?;
-            has_body |= n > 0;
-        }
-    }
-    Ok(Head {
-        method,
-        path,
-        http11,
-        close,
-        has_body,
-    })
 }
 
 /// The path of an origin-form (`/metrics?x`) or absolute-form
 /// (`http://host/metrics`) target, without query or fragment.
-fn path_of(target: &[u8]) -> &[u8] {
+fn path_of(target: &str) -> &str {
     let mut t = target;
-    for scheme in [&b"http://"[..], b"https://"] {
+    for scheme in ["http://", "https://"] {
         if t.len() >= scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
             let rest = &t[scheme.len()..];
-            t = match rest.iter().position(|&b| b == b'/') {
-                Some(i) => &rest[i..],
-                None => b"/",
-            };
+            t = rest.find('/').map_or("/", |i| &rest[i..]);
             break;
         }
     }
-    let end = t
-        .iter()
-        .position(|&b| b == b'?' || b == b'#')
-        .unwrap_or(t.len());
-    &t[..end]
-}
-
-fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t'))
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !matches!(b, b' ' | b'\t'))
-        .map_or(start, |i| i + 1);
-    &v[start..end.max(start)]
+    t.find(['?', '#']).map_or(t, |end| &t[..end])
 }
 
 /// At most 100 printable characters of client input, for TRACE lines.
-fn printable(v: &[u8]) -> String {
-    let s: String = String::from_utf8_lossy(v)
+fn printable(v: &str) -> String {
+    let s: String = v
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .take(100)
@@ -607,11 +387,54 @@ fn printable(v: &[u8]) -> String {
     }
 }
 
-fn route(head: &Head, metrics: &Metrics) -> Answer {
-    const KNOWN: &[&[u8]] = &[b"/", b"/metrics", b"/healthz", b"/readyz"];
-    if head.method != b"GET" && head.method != b"HEAD" {
-        return if KNOWN.contains(&head.path) {
-            Answer {
+/// An answer: status, content type, body, and whether it lists the allowed
+/// methods.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: [Part; 2],
+    allow: bool,
+}
+
+/// A piece of a body. /metrics is the last collection's rendering followed by
+/// the process series, sent as they are, without copying them into one buffer.
+enum Part {
+    Static(&'static [u8]),
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>),
+}
+
+impl AsRef<[u8]> for Part {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Part::Static(b) => b,
+            Part::Owned(b) => b,
+            Part::Shared(b) => b,
+        }
+    }
+}
+
+impl Reply {
+    fn into_response(self) -> Response<impl Read> {
+        let [first, second] = self.body;
+        let length = first.as_ref().len() + second.as_ref().len();
+        let mut headers = Vec::with_capacity(2);
+        headers.extend(Header::from_bytes("Content-Type", self.content_type).ok());
+        if self.allow {
+            headers.extend(Header::from_bytes("Allow", "GET, HEAD").ok());
+        }
+        let body = Cursor::new(first).chain(Cursor::new(second));
+        // A known length always goes out as Content-Length, never chunked.
+        Response::new(StatusCode(self.status), headers, body, Some(length), None)
+            .with_chunked_threshold(usize::MAX)
+    }
+}
+
+fn route(method: &Method, path: &str, metrics: &Metrics) -> Reply {
+    const KNOWN: &[&str] = &["/", "/metrics", "/healthz", "/readyz"];
+    if !matches!(method, Method::Get | Method::Head) {
+        return if KNOWN.contains(&path) {
+            Reply {
                 allow: true,
                 ..text(405, "method not allowed\n")
             }
@@ -619,24 +442,30 @@ fn route(head: &Head, metrics: &Metrics) -> Answer {
             text(404, "not found\n")
         };
     }
-    match head.path {
-        b"/metrics" => Answer {
+    match path {
+        "/metrics" => Reply {
             status: 200,
             content_type: CONTENT_TYPE,
-            body: Body::Metrics(metrics.rendered(), metrics.process_rendered()),
+            body: [
+                Part::Shared(metrics.rendered()),
+                Part::Shared(metrics.process_rendered()),
+            ],
             allow: false,
         },
-        b"/" => Answer {
+        "/" => Reply {
             status: 200,
             content_type: "text/html; charset=utf-8",
-            body: Body::Static(INDEX.as_bytes()),
+            body: [Part::Static(INDEX.as_bytes()), Part::Static(b"")],
             allow: false,
         },
-        b"/healthz" => text(200, "ok\n"),
-        b"/readyz" => match metrics.readiness() {
+        "/healthz" => text(200, "ok\n"),
+        "/readyz" => match metrics.readiness() {
             Readiness::Ready => text(200, "ready\n"),
-            Readiness::NotReady(why) => Answer {
-                body: Body::Owned(format!("not ready: {why}\n").into_bytes()),
+            Readiness::NotReady(why) => Reply {
+                body: [
+                    Part::Owned(format!("not ready: {why}\n").into_bytes()),
+                    Part::Static(b""),
+                ],
                 ..text(503, "")
             },
         },
@@ -644,263 +473,73 @@ fn route(head: &Head, metrics: &Metrics) -> Answer {
     }
 }
 
-fn text(status: u16, body: &'static str) -> Answer {
-    Answer {
+fn text(status: u16, body: &'static str) -> Reply {
+    Reply {
         status,
         content_type: "text/plain; charset=utf-8",
-        body: Body::Static(body.as_bytes()),
+        body: [Part::Static(body.as_bytes()), Part::Static(b"")],
         allow: false,
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        414 => "URI Too Long",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "",
-    }
-}
-
-fn response_head(answer: &Answer, close: bool) -> String {
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-        answer.status,
-        reason(answer.status),
-        answer.content_type,
-        answer.body.len()
-    );
-    if answer.allow {
-        head.push_str("Allow: GET, HEAD\r\n");
-    }
-    if close {
-        head.push_str("Connection: close\r\n");
-    }
-    head.push_str("\r\n");
-    head
-}
-
-fn write_answer(
-    stream: &TcpStream,
-    answer: &Answer,
-    head_only: bool,
-    close: bool,
-) -> io::Result<()> {
-    let deadline = Instant::now() + WRITE_TIMEOUT;
-    let head = response_head(answer, close);
-    let [body1, body2] = if head_only {
-        [&[][..], &[][..]]
-    } else {
-        answer.body.parts()
-    };
-    write_all_by(stream, [head.as_bytes(), body1, body2], deadline)
-}
-
-/// Writes the parts in order with one deadline for all, whatever pace the client
-/// reads at; one `writev` each time, so a small answer (head and body) leaves in
-/// a single segment.
-fn write_all_by(stream: &TcpStream, mut parts: [&[u8]; 3], deadline: Instant) -> io::Result<()> {
-    while parts.iter().any(|p| !p.is_empty()) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        stream.set_write_timeout(Some(left))?;
-        let slices = parts.map(IoSlice::new);
-        match (&*stream).write_vectored(&slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(mut n) => {
-                for part in &mut parts {
-                    let taken = n.min(part.len());
-                    *part = &part[taken..];
-                    n -= taken;
-                }
-            }
-            Err(e) if is_retry(&e) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Answers with an error and closes the connection.
-fn refuse(conn: &Connection, status: u16, body: &'static str) {
-    if write_answer(&conn.stream, &text(status, body), false, true).is_ok() {
-        linger(&conn.stream);
-    }
-}
-
-/// Closes after an answer without losing it: stop sending, then read and drop
-/// what the client still sends for a bounded time, so closing does not turn into
-/// a reset that would discard our answer on the client's side.
-fn linger(stream: &TcpStream) {
-    if stream.shutdown(Shutdown::Write).is_err() {
-        return;
-    }
-    let deadline = Instant::now() + LINGER_TIME;
-    let mut sink = [0u8; 4096];
-    let mut drained = 0;
-    while drained < LINGER_BYTES {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
-        match (&*stream).read(&mut sink) {
-            Ok(0) => return,
-            Ok(n) => drained += n,
-            Err(e) if is_retry(&e) => {}
-            Err(_) => return,
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(s: &str) -> Result<Head<'_>, u16> {
-        parse_head(s.as_bytes()).map_err(|(status, _)| status)
-    }
+    use std::net::TcpStream;
 
     #[test]
-    fn parses_a_prometheus_request() {
-        let h = parse(
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9\r\nUser-Agent: Prometheus/2.53\r\n\
-             Accept: text/plain;version=0.0.4\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(h.method, b"GET");
-        assert_eq!(h.path, b"/metrics");
-        assert!(h.http11 && !h.close && !h.has_body);
+    fn accepted_sockets_inherit_the_listener_options() {
+        let (listener, addr) = bind(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0).unwrap();
+        let _client = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        // Nothing was set on the accepted socket itself.
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY");
+        assert_eq!(accepted.read_timeout().unwrap(), Some(READ_TIMEOUT));
+        assert_eq!(accepted.write_timeout().unwrap(), Some(WRITE_TIMEOUT));
+        // A plain listener's connections have none of them.
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = TcpStream::connect(plain.local_addr().unwrap()).unwrap();
+        let (s, _) = plain.accept().unwrap();
+        assert!(!s.nodelay().unwrap());
+        assert_eq!(s.read_timeout().unwrap(), None);
+        assert_eq!(s.write_timeout().unwrap(), None);
     }
 
     #[test]
     fn paths_drop_query_fragment_and_absolute_form() {
-        assert_eq!(path_of(b"/metrics?x=1"), b"/metrics");
-        assert_eq!(path_of(b"/readyz#top"), b"/readyz");
-        assert_eq!(path_of(b"http://host:9/metrics?a"), b"/metrics");
-        assert_eq!(path_of(b"HTTPS://host"), b"/");
-        assert_eq!(path_of(b"*"), b"*");
-    }
-
-    #[test]
-    fn connection_options_and_bodies() {
-        let h = parse("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").unwrap();
-        assert!(h.close);
-        let h = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
-        assert!(!h.http11 && !h.close);
-        let h = parse("POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\n").unwrap();
-        assert!(h.has_body);
-        let h = parse("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n").unwrap();
-        assert!(h.has_body);
-        let h = parse("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
-        assert!(!h.has_body);
-    }
-
-    #[test]
-    fn malformed_heads_are_rejected() {
-        assert_eq!(parse("GET /metrics\r\n\r\n").err(), Some(400));
-        assert_eq!(parse("GET  /metrics HTTP/1.1\r\n\r\n").err(), Some(400));
-        assert_eq!(parse("GET /metrics HTTP/2.0\r\n\r\n").err(), Some(505));
-        assert_eq!(parse("GET /metrics FTP/1.0\r\n\r\n").err(), Some(400));
-        assert_eq!(parse("G(T /metrics HTTP/1.1\r\n\r\n").err(), Some(400));
-        assert_eq!(parse("\u{1}\u{2}garbage\r\n\r\n").err(), Some(400));
-        assert_eq!(parse("GET /a\u{7}b HTTP/1.1\r\n\r\n").err(), Some(400));
-        assert_eq!(parse("GET / HTTP/1.1\r\nNoColon\r\n\r\n").err(), Some(400));
-        assert_eq!(parse("GET / HTTP/1.1\r\nA b: c\r\n\r\n").err(), Some(400));
-        assert_eq!(
-            parse("GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n").err(),
-            Some(400)
-        );
-        assert_eq!(
-            parse("GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").err(),
-            Some(400)
-        );
-        assert_eq!(
-            parse("GET / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n").err(),
-            Some(400)
-        );
-    }
-
-    #[test]
-    fn hopeless_starts_are_seen_before_the_head_ends() {
-        assert!(hopeless(b"\x16\x03\x01\x02\x00\x01"));
-        assert!(hopeless(&[0u8, 1, 2, 3]));
-        assert!(hopeless(b"GET /metrics\r\nHost"));
-        assert!(hopeless(b"GET /metrics HTTP/9.9\r\n"));
-        assert!(hopeless(&[b'A'; 40]));
-        assert!(!hopeless(b"GE"));
-        assert!(!hopeless(b"GET /metr"));
-        assert!(!hopeless(b"GET /metrics HTTP/1.1\r\nHost: x"));
-    }
-
-    #[test]
-    fn head_end_accepts_crlf_and_bare_lf() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nrest"), Some(18));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\nrest"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
-        assert_eq!(head_end(b"GET / HTTP/1.1"), None);
+        assert_eq!(path_of("/metrics?x=1"), "/metrics");
+        assert_eq!(path_of("/readyz#top"), "/readyz");
+        assert_eq!(path_of("http://host:9/metrics?a"), "/metrics");
+        assert_eq!(path_of("HTTPS://host"), "/");
+        assert_eq!(path_of("*"), "*");
     }
 
     #[test]
     fn routes_and_methods() {
         let m = Metrics::new();
-        let answer = |s: &str| route(&parse(s).unwrap(), &m);
-        assert_eq!(answer("GET /metrics HTTP/1.1\r\n\r\n").status, 200);
-        assert_eq!(answer("HEAD /metrics HTTP/1.1\r\n\r\n").status, 200);
-        assert_eq!(answer("GET /healthz HTTP/1.1\r\n\r\n").status, 200);
-        assert_eq!(answer("GET /readyz HTTP/1.1\r\n\r\n").status, 503);
-        assert_eq!(answer("GET /nope HTTP/1.1\r\n\r\n").status, 404);
-        let a = answer("POST /metrics HTTP/1.1\r\n\r\n");
-        assert!(a.status == 405 && a.allow);
-        assert_eq!(answer("DELETE /nope HTTP/1.1\r\n\r\n").status, 404);
-        let head = response_head(&answer("GET /healthz HTTP/1.1\r\n\r\n"), true);
-        assert_eq!(
-            head,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Content-Length: 3\r\nConnection: close\r\n\r\n"
-        );
+        let status = |method: Method, path: &str| route(&method, path, &m).status;
+        assert_eq!(status(Method::Get, "/metrics"), 200);
+        assert_eq!(status(Method::Head, "/metrics"), 200);
+        assert_eq!(status(Method::Get, "/healthz"), 200);
+        assert_eq!(status(Method::Get, "/"), 200);
+        assert_eq!(status(Method::Get, "/readyz"), 503);
+        assert_eq!(status(Method::Get, "/nope"), 404);
+        let r = route(&Method::Post, "/metrics", &m);
+        assert!(r.status == 405 && r.allow);
+        assert_eq!(status(Method::Delete, "/nope"), 404);
     }
 
     #[test]
-    fn registry_evicts_the_longest_waiting_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let pair = || {
-            let client = TcpStream::connect(addr).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            (client, Arc::new(server))
-        };
-        let r = Registry::new(2);
-        let (mut c1, s1) = pair();
-        let (_c2, s2) = pair();
-        let (_c3, s3) = pair();
-        let Admitted::Yes(id1) = r.admit(&s1) else {
-            panic!("room for the first")
-        };
-        let Admitted::Yes(id2) = r.admit(&s2) else {
-            panic!("room for the second")
-        };
-        r.set_waiting(id2, None); // busy writing: not evictable
-        let Admitted::AfterEviction(id3) = r.admit(&s3) else {
-            panic!("the third evicts the first")
-        };
-        assert_eq!(r.lock().len(), 2);
-        // The first one was closed by the server side.
-        let mut byte = [0u8; 1];
-        assert_eq!(c1.read(&mut byte).unwrap(), 0);
-        assert!(!r.lock().contains_key(&id1));
-        r.set_waiting(id3, None);
-        let (_c4, s4) = pair();
-        assert!(
-            matches!(r.admit(&s4), Admitted::No),
-            "all busy: the newcomer is refused"
-        );
+    fn stalled_clients_expire_and_stay_bounded() {
+        let mut s = Stalled::default();
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        s.insert(a);
+        assert!(s.contains(&a));
+        s.expire();
+        assert!(s.contains(&a), "remembered for STALLED_FOR");
+        for port in 0..STALLED_MAX as u16 + 10 {
+            s.insert(SocketAddr::new(a.ip(), 2000 + port));
+        }
+        assert!(s.0.len() <= STALLED_MAX);
     }
 }

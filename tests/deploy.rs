@@ -451,3 +451,60 @@ fn containerfile_stages() {
         );
     }
 }
+
+#[test]
+fn kubernetes_networkpolicy_admits_only_prometheus() {
+    let d = yaml("deploy/kubernetes/deployment.yaml");
+    let pod_labels = at(&d, &["spec", "template", "metadata", "labels"]);
+    let port_name = s(&seq(container(&d), &["ports"])[0], &["name"]).to_string();
+
+    let np = yaml("deploy/kubernetes/networkpolicy.yaml");
+    assert_eq!(s(&np, &["apiVersion"]), "networking.k8s.io/v1");
+    assert_eq!(s(&np, &["kind"]), "NetworkPolicy");
+    // It applies to the exporter's pods.
+    let selector = at(&np, &["spec", "podSelector", "matchLabels"])
+        .as_mapping()
+        .expect("podSelector.matchLabels");
+    assert!(
+        !selector.is_empty(),
+        "an empty podSelector selects every pod"
+    );
+    for (k, v) in selector {
+        assert_eq!(pod_labels.get(k), Some(v), "podSelector {k:?}");
+    }
+    // Ingress only: the exporter must still reach Prefect.
+    let types: Vec<&str> = seq(&np, &["spec", "policyTypes"])
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert_eq!(types, ["Ingress"]);
+    // One rule: one peer that must match both a namespace and Prometheus's pods
+    // (two peers would be an OR), on the metrics port only.
+    let rules = seq(&np, &["spec", "ingress"]);
+    assert_eq!(rules.len(), 1, "exactly one ingress rule");
+    let peers = seq(&rules[0], &["from"]);
+    assert_eq!(peers.len(), 1, "one peer: namespace AND pod selector");
+    let ns = at(&peers[0], &["namespaceSelector", "matchLabels"])
+        .as_mapping()
+        .expect("namespaceSelector.matchLabels");
+    let pods = at(&peers[0], &["podSelector", "matchLabels"])
+        .as_mapping()
+        .expect("podSelector.matchLabels");
+    assert!(
+        !ns.is_empty() && !pods.is_empty(),
+        "empty selectors admit all"
+    );
+    assert!(
+        pods.values().any(|v| v.as_str() == Some("prometheus")),
+        "the peer is Prometheus: {pods:?}"
+    );
+    assert!(peers[0].get("ipBlock").is_none());
+    let ports = seq(&rules[0], &["ports"]);
+    assert_eq!(ports.len(), 1);
+    let port = at(&ports[0], &["port"]);
+    assert!(
+        port.as_str() == Some(port_name.as_str()) || port.as_u64() == Some(PORT),
+        "the metrics port: {port:?}"
+    );
+    assert_eq!(s(&ports[0], &["protocol"]), "TCP");
+}
