@@ -24,7 +24,11 @@ macro_rules! skip_note {
 }
 const IMAGE: &str = "prefect-exporter:latest";
 const MAX_IMAGE_BYTES: u64 = 4_000_000;
-const MAX_BINARY_BYTES: u64 = 3_000_000;
+/// Was 3,000,000 until the HTTP side moved to tiny_http: surviving descriptor
+/// exhaustion there needs `panic = "unwind"`, and the unwind tables and landing
+/// pads cost about 0.6 MB (shared/tiny-http.md: keep unwinding, keep the image
+/// under 4 MB). This bound still catches a dependency that bloats the binary.
+const MAX_BINARY_BYTES: u64 = 3_600_000;
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -145,9 +149,8 @@ fn image_serves_seed_metrics_and_stops_on_sigterm() {
         image_bytes < MAX_IMAGE_BYTES,
         "image is {image_bytes} bytes, target < {MAX_IMAGE_BYTES}"
     );
-    // scripts/static.sh only warns over the target (a user's older toolchain keeps
-    // the unwind tables and lands at ~3.1 MB); here the project's own build is held
-    // to it.
+    // scripts/static.sh only warns over its target; here the project's own build
+    // is held to MAX_BINARY_BYTES.
     assert!(
         binary_bytes < MAX_BINARY_BYTES,
         "static binary is {binary_bytes} bytes, target < {MAX_BINARY_BYTES} \
