@@ -48,5 +48,8 @@ fn a_port_that_is_not_a_number_stops_the_demo() {
         .expect("bash runs scripts/demo.sh");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("EXPORTER_PORT=80a is not a port number"), "{stderr}");
+    assert!(
+        stderr.contains("EXPORTER_PORT=80a is not a port number"),
+        "{stderr}"
+    );
 }
