@@ -1039,19 +1039,57 @@ mod tests {
         assert_eq!(c.warnings.len(), 2);
     }
 
-    fn write_profiles(text: &str) -> (PathBuf, String) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pe-config-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("profiles.toml");
+    /// A test's own folder under the temp dir, removed when the guard drops, so
+    /// that no run leaves folders (holding fake secrets) behind, even when an
+    /// assertion fails.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "pe-config-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A profiles file in its own temp folder; keep the guard alive while it is used.
+    fn write_profiles(text: &str) -> (TempDir, PathBuf, String) {
+        let dir = TempDir::new();
+        let path = dir.0.join("profiles.toml");
         std::fs::write(&path, text).unwrap();
         let shown = path.display().to_string();
-        (path, shown)
+        (dir, path, shown)
+    }
+
+    #[test]
+    fn temp_folders_are_removed_when_the_test_is_done() {
+        let (dir, path, _) = write_profiles(PROFILES);
+        let folder = dir.0.clone();
+        assert!(path.is_file());
+        drop(dir);
+        assert!(!folder.exists(), "{} left behind", folder.display());
+        // Also when the test fails while holding it.
+        let folder = std::panic::catch_unwind(|| {
+            let (dir, _, _) = write_profiles(PROFILES);
+            let folder = dir.0.clone();
+            std::panic::panic_any(folder);
+        })
+        .err()
+        .and_then(|p| p.downcast::<PathBuf>().ok())
+        .expect("the panic carries the folder");
+        assert!(!folder.exists(), "{} left behind", folder.display());
     }
 
     fn load(path: &std::path::Path, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -1078,7 +1116,7 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn profile_fills_what_the_environment_lacks() {
-        let (path, shown) = write_profiles(PROFILES);
+        let (_dir, path, shown) = write_profiles(PROFILES);
         let c = load(&path, &[]).unwrap();
         assert_eq!(c.api_url, "http://dev.example:4200/api");
         assert!(c.auth == Auth::Basic("admin:pr0file".into()));
@@ -1095,7 +1133,7 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn environment_wins_over_the_profile() {
-        let (path, _) = write_profiles(PROFILES);
+        let (_dir, path, _) = write_profiles(PROFILES);
         let c = load(
             &path,
             &[
@@ -1117,7 +1155,7 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn bad_profile_values_name_variable_profile_and_file() {
-        let (path, shown) = write_profiles(PROFILES);
+        let (_dir, path, shown) = write_profiles(PROFILES);
         let e = load(&path, &[("PREFECT_PROFILE", "broken")]).err().unwrap();
         let text = e.to_string();
         assert!(
@@ -1150,10 +1188,10 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn unusable_profiles_files_stop_the_start() {
-        let (path, shown) = write_profiles("active = \"dev\"\n[profiles.dev\n");
+        let (_dir, path, shown) = write_profiles("active = \"dev\"\n[profiles.dev\n");
         let e = load(&path, &[]).err().unwrap().to_string();
         assert!(e.contains(&shown) && e.contains("TOML"), "{e}");
-        let (path, shown) = write_profiles(PROFILES);
+        let (_dir, path, shown) = write_profiles(PROFILES);
         let e = load(&path, &[("PREFECT_PROFILE", "nope")])
             .err()
             .unwrap()
