@@ -98,7 +98,14 @@ impl fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 enum Csrf {
-    /// Not asked yet: the next POST will ask.
+    /// At the start: POSTs go without a token, and the first one tells whether the
+    /// server wants tokens. Accepted: it has CSRF protection off (Prefect's
+    /// default), learnt at no extra request and with nothing refused. Refused for
+    /// want of a token: fetch one and repeat the POST. (Asking `GET /csrf-token`
+    /// first, as Prefect's client does, gets a 422 from every server with CSRF
+    /// protection off, which would show as a 4xx on each healthy start.)
+    Untested,
+    /// A token is wanted but none is held: the next POST fetches one first.
     Unknown,
     /// The server said it has no CSRF protection, or the user turned support off.
     Disabled,
@@ -262,7 +269,7 @@ impl Client {
             max_retries: config.max_retries,
             csrf_allowed: config.csrf_enabled,
             csrf: if config.csrf_enabled {
-                Csrf::Unknown
+                Csrf::Untested
             } else {
                 Csrf::Disabled
             },
@@ -367,6 +374,10 @@ impl Client {
                     return Err(ApiError::Transport { path: what, detail })
                 }
                 Ok(answer) if (200..300).contains(&answer.status) => {
+                    if call.method == "POST" && matches!(self.csrf, Csrf::Untested) {
+                        log::debug!("CSRF protection is off on the server: {what} needed no token");
+                        self.csrf = Csrf::Disabled;
+                    }
                     if call.method == "POST" && matches!(self.csrf, Csrf::Unknown) {
                         // The token fetch failed, yet a POST without a token was
                         // accepted: the server does not enforce CSRF. Stop asking
@@ -383,8 +394,9 @@ impl Client {
                         && !csrf_retried
                         && is_csrf_refusal(&answer.body)
                     {
-                        // Expired, never fetched (the fetch failed), or the server
-                        // turned CSRF protection on since it said it was off.
+                        // The first POST to a server with CSRF protection on,
+                        // expired, never fetched (the fetch failed), or the server
+                        // turned CSRF protection on since it was seen off.
                         log::debug!("{what}: CSRF token refused, fetching a new one");
                         self.csrf = Csrf::Unknown;
                         csrf_retried = true;
@@ -490,13 +502,13 @@ impl Client {
         })
     }
 
-    /// Fetches a CSRF token when there is none or it is about to expire. A
-    /// server without CSRF protection says so and is not asked again; a failed
+    /// Fetches a CSRF token when one is wanted and there is none or it is about to
+    /// expire. A server that says it has no CSRF protection is not asked again; a failed
     /// fetch leaves the state unknown (the POST then reports the problem, and
     /// a 403 for a missing token makes it fetch again).
     fn ensure_csrf_token(&mut self, deadline: Instant) {
         match &self.csrf {
-            Csrf::Disabled => return,
+            Csrf::Untested | Csrf::Disabled => return,
             Csrf::Token {
                 refresh_at: Some(at),
                 ..
