@@ -321,6 +321,32 @@ mod tests {
     }
 
     #[test]
+    fn a_socks_proxy_stops_the_start_only_where_it_would_be_used() {
+        let socks =
+            |var: &'static str| move |k: &str| (k == var).then(|| "socks5://s:1080".to_string());
+        // The variable of the URL's scheme, or ALL_PROXY without it: refused.
+        assert!(choose("http://p/api", &socks("HTTP_PROXY")).is_err());
+        assert!(choose("https://p/api", &socks("HTTPS_PROXY")).is_err());
+        assert!(choose("https://p/api", &socks("ALL_PROXY")).is_err());
+        // The other scheme's variable, or a host in NO_PROXY: not used, no error.
+        assert_eq!(choose("http://p/api", &socks("HTTPS_PROXY")), Ok(None));
+        assert_eq!(choose("https://p/api", &socks("HTTP_PROXY")), Ok(None));
+        let bypassed = |k: &str| match k {
+            "HTTPS_PROXY" => Some("socks5://s:1080".to_string()),
+            "NO_PROXY" => Some("p".to_string()),
+            _ => None,
+        };
+        assert_eq!(choose("https://p/api", &bypassed), Ok(None));
+        // An http proxy in the scheme's variable wins over a SOCKS ALL_PROXY.
+        let both = |k: &str| match k {
+            "HTTPS_PROXY" => Some("http://h:3128".to_string()),
+            "ALL_PROXY" => Some("socks5://s:1080".to_string()),
+            _ => None,
+        };
+        assert!(choose("https://p/api", &both).unwrap().is_some());
+    }
+
+    #[test]
     fn display_masks_credentials() {
         let c = ProxyChoice {
             url: "http://user:pw7@proxy:3128".into(),
