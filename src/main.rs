@@ -7,8 +7,6 @@ mod config;
 mod metrics;
 mod prefect;
 mod process;
-mod profiles;
-mod proxy;
 mod server;
 mod snapshot;
 

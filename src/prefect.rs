@@ -228,7 +228,7 @@ impl Client {
         let proxy = match &config.proxy {
             Some(p) => Some(ureq::Proxy::new(&p.url).map_err(|_| ConfigError::Invalid {
                 var: p.var,
-                value: crate::proxy::mask_userinfo(&p.url),
+                value: crate::config::mask_userinfo(&p.url),
                 expected: "expected a proxy URL such as http://proxy.example.com:3128",
             })?),
             None => None,

@@ -14,7 +14,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::config::ConfigError;
+use super::error::ConfigError;
 
 /// The proxy to use and the variable it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
