@@ -70,7 +70,7 @@ trap cleanup INT TERM EXIT
 echo "starting Prefect on 127.0.0.1:$PREFECT_PORT (data in $home)"
 PREFECT_HOME=$home PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_UI_ENABLED=false \
 PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED=false \
-    setsid .venv/bin/prefect server start --host 127.0.0.1 --port "$PREFECT_PORT" --no-services \
+    setsid "${PREFECT_VENV:-.venv}/bin/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" --no-services \
     >"$home/server.log" 2>&1 &
 server_pid=$!
 api="http://127.0.0.1:$PREFECT_PORT/api"
