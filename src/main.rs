@@ -8,8 +8,6 @@ mod config;
 mod metrics;
 mod prefect;
 mod process;
-mod profiles;
-mod proxy;
 mod server;
 mod snapshot;
 

@@ -264,7 +264,8 @@ fn help_lists_every_setting_with_its_default() {
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(help.starts_with("prefect-exporter "), "{help}");
         let source =
-            std::fs::read_to_string(support::project_root().join("src/config.rs")).unwrap();
+            std::fs::read_to_string(support::project_root().join("src/config/settings.rs"))
+                .unwrap();
         for read in source.split("get(\"").skip(1) {
             let var = read.split('"').next().unwrap();
             if var == "SSL_CERT_FILE" {

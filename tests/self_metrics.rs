@@ -102,6 +102,16 @@ fn self_metrics_on_a_real_server() {
     let took = m["prefect_exporter_collect_duration_seconds"];
     assert!(took > 0.0 && took < 1.0, "collect duration {took}");
     assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
+    // A healthy start asks nothing the server refuses: no 4xx (the CSRF check of
+    // a server with CSRF protection off used to show code="422").
+    let codes: Vec<(&String, &f64)> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("prefect_exporter_api_requests_total{"))
+        .collect();
+    assert!(!codes.is_empty(), "{text}");
+    for (series, n) in &codes {
+        assert!(series.contains("code=\"2"), "{series} {n}: {codes:?}");
+    }
     assert_eq!(
         m.get("prefect_exporter_collector_success{collector=\"seed\"}"),
         Some(&1.0)

@@ -316,7 +316,7 @@ fn skip_verify_works_and_logs_a_warning() {
 
 #[test]
 /// A missing file named by the machine-wide SSL_CERT_FILE is only a warning (see
-/// config.rs); a file that exists but holds no certificate is always an error.
+/// src/config/settings.rs); a file that exists but holds no certificate is always an error.
 fn an_unusable_ca_file_stops_the_start_naming_the_variable() {
     let dir = TempDir::new("issue3-badca");
     let not_pem = dir.path().join("ca.pem");

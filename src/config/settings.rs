@@ -1,6 +1,6 @@
-//! Settings, read once from the environment and validated before anything starts,
-//! so that a typo is one clear line and exit code 2 instead of a running exporter
-//! that silently reports nothing.
+//! The settings table and `Config`: every variable read once from the
+//! environment (and the active Prefect profile) and validated before anything
+//! starts.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -9,8 +9,15 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
-use crate::profiles::{self, Profile, PROFILE_SETTINGS};
-use crate::proxy::{self, ProxyChoice};
+use super::collectors::{parse_collectors, Collectors};
+use super::error::{invalid, ConfigError};
+use super::parse::{
+    env_value, is_header_value, parse_bool, parse_buckets, parse_headers, parse_log_level,
+    parse_lookback, parse_max_age, parse_name_list, parse_positive_int, parse_seconds,
+    parse_settle, parse_url,
+};
+use super::profiles::{self, env_then_profile};
+use super::proxy::{self, ProxyChoice};
 
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:4200/api";
 pub const DEFAULT_PORT: u16 = 8080;
@@ -205,114 +212,6 @@ pub struct Config {
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
-
-/// Which optional collect groups run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Collectors {
-    pub flow_runs: bool,
-    pub deployments: bool,
-    pub work_pools: bool,
-    pub work_queues: bool,
-    pub active_flow_runs: bool,
-    pub concurrency_limits: bool,
-    pub events: bool,
-}
-
-impl Default for Collectors {
-    fn default() -> Self {
-        Collectors {
-            flow_runs: true,
-            deployments: true,
-            work_pools: true,
-            work_queues: true,
-            active_flow_runs: true,
-            concurrency_limits: true,
-            events: true,
-        }
-    }
-}
-
-impl Collectors {
-    /// The enabled group names, in collection order, for logs.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        for (on, name) in [
-            (self.flow_runs, "flow_runs"),
-            (self.deployments, "deployments"),
-            (self.work_pools, "work_pools"),
-            (self.work_queues, "work_queues"),
-            (self.active_flow_runs, "active_flow_runs"),
-            (self.concurrency_limits, "concurrency_limits"),
-            (self.events, "events"),
-        ] {
-            if on {
-                out.push(name);
-            }
-        }
-        out
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum ConfigError {
-    /// A variable holds a value the exporter cannot use.
-    Invalid {
-        var: &'static str,
-        /// Already masked when the variable is a secret.
-        value: String,
-        expected: &'static str,
-    },
-    /// A command-line argument the exporter does not know.
-    UnknownArgument(String),
-    /// The profiles file cannot be used.
-    Profile { path: String, detail: String },
-    /// A bad value that came from the profiles file, not the environment.
-    FromProfile {
-        error: Box<ConfigError>,
-        profile: String,
-        path: String,
-    },
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Invalid {
-                var,
-                value,
-                expected,
-            } => write!(f, "{var}={value}: {expected}"),
-            ConfigError::UnknownArgument(arg) => {
-                write!(
-                    f,
-                    "unknown argument {arg}: settings come from the environment, see --help"
-                )
-            }
-            ConfigError::Profile { path, detail } => {
-                write!(f, "Prefect profiles file {path}: {detail}")
-            }
-            ConfigError::FromProfile {
-                error,
-                profile,
-                path,
-            } => write!(f, "{error} (set in profile {profile:?} of {path})"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Headers that the exporter sets itself; a custom header must not replace them,
-/// or a stray setting could silently change who the exporter authenticates as.
-const PROTECTED_HEADERS: &[&str] = &[
-    "authorization",
-    "user-agent",
-    "prefect-csrf-token",
-    "prefect-csrf-client",
-    "content-type",
-    "content-length",
-    "host",
-];
 
 impl Config {
     /// Reads the settings from the environment, and the Prefect client settings
@@ -619,63 +518,6 @@ impl fmt::Display for Config {
     }
 }
 
-fn env_value(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
-    env(name).filter(|v| !v.trim().is_empty())
-}
-
-/// The lookup `from_lookup` reads: the environment first (an empty value counts
-/// as unset), then, for Prefect client settings only, the active profile.
-pub fn env_then_profile<'a>(
-    env: &'a dyn Fn(&str) -> Option<String>,
-    profile: Option<&'a Profile>,
-) -> impl Fn(&str) -> Option<String> + 'a {
-    move |name: &str| {
-        env_value(env, name).or_else(|| {
-            if PROFILE_SETTINGS.contains(&name) {
-                profile.and_then(|p| p.get(name))
-            } else {
-                None
-            }
-        })
-    }
-}
-
-fn invalid(var: &'static str, value: String, expected: &'static str) -> ConfigError {
-    ConfigError::Invalid {
-        var,
-        value,
-        expected,
-    }
-}
-
-fn parse_url(v: &str) -> Result<String, ConfigError> {
-    let bad = || {
-        invalid(
-            "PREFECT_API_URL",
-            v.to_string(),
-            "expected an http:// or https:// URL such as http://127.0.0.1:4200/api",
-        )
-    };
-    let v = v.trim();
-    let rest = v
-        .strip_prefix("http://")
-        .or_else(|| v.strip_prefix("https://"))
-        .ok_or_else(bad)?;
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if host.is_empty() || host.starts_with(':') || v.chars().any(char::is_whitespace) {
-        return Err(bad());
-    }
-    // Credentials in the URL would end up in logs; they belong in the auth string.
-    if host.contains('@') {
-        return Err(invalid(
-            "PREFECT_API_URL",
-            "***".into(),
-            "credentials in the URL are not supported: use PREFECT_API_AUTH_STRING",
-        ));
-    }
-    Ok(v.trim_end_matches('/').to_string())
-}
-
 /// Prefect Cloud mistakes that otherwise show up only as 404s or 401s: the UI's
 /// address instead of the API's, a URL without the workspace, no API key.
 fn cloud_url_warning(url: &str, has_key: bool) -> Option<String> {
@@ -700,240 +542,6 @@ fn cloud_url_warning(url: &str, has_key: bool) -> Option<String> {
     }
     (!has_key)
         .then(|| "PREFECT_API_URL is Prefect Cloud but PREFECT_API_KEY is not set".to_string())
-}
-
-fn parse_positive_int(
-    var: &'static str,
-    v: &str,
-    expected: &'static str,
-) -> Result<u64, ConfigError> {
-    v.trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|n| *n >= 1 && *n <= 86_400 * 365)
-        .ok_or_else(|| invalid(var, v.to_string(), expected))
-}
-
-fn parse_seconds(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| invalid(var, v.to_string(), "expected a number of seconds above 0"))
-}
-
-fn parse_bool(var: &'static str, v: &str) -> Result<bool, ConfigError> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(invalid(var, v.to_string(), "expected true or false")),
-    }
-}
-
-fn parse_log_level(v: &str) -> Result<LevelFilter, ConfigError> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "trace" => Ok(LevelFilter::Trace),
-        "debug" => Ok(LevelFilter::Debug),
-        "info" => Ok(LevelFilter::Info),
-        "warn" | "warning" => Ok(LevelFilter::Warn),
-        "error" | "critical" => Ok(LevelFilter::Error),
-        "off" => Ok(LevelFilter::Off),
-        _ => Err(invalid(
-            "LOG_LEVEL",
-            v.to_string(),
-            "expected trace, debug, info, warn, error or off",
-        )),
-    }
-}
-
-/// Blank entries and repeats are dropped: `a,,b,a` watches a and b once each,
-/// so the missing count can never exceed the number of distinct names.
-pub fn parse_name_list(v: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        if !out.iter().any(|n| n == name) {
-            out.push(name.to_string());
-        }
-    }
-    out
-}
-
-/// What an HTTP header value may hold: printable ASCII, spaces and tabs. Anything
-/// else would make every request fail, so it is refused at start instead.
-fn is_header_value(v: &str) -> bool {
-    v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
-}
-
-/// `seed` is accepted (it always runs); an unknown name is an error rather than
-/// a group silently missing from the dashboards.
-fn parse_collectors(v: &str) -> Result<Collectors, ConfigError> {
-    let mut c = Collectors {
-        flow_runs: false,
-        deployments: false,
-        work_pools: false,
-        work_queues: false,
-        active_flow_runs: false,
-        concurrency_limits: false,
-        events: false,
-    };
-    for name in parse_name_list(v) {
-        match name.to_ascii_lowercase().as_str() {
-            "flow_runs" => c.flow_runs = true,
-            "deployments" => c.deployments = true,
-            "work_pools" => c.work_pools = true,
-            "work_queues" => c.work_queues = true,
-            "active_flow_runs" => c.active_flow_runs = true,
-            "concurrency_limits" => c.concurrency_limits = true,
-            "events" => c.events = true,
-            "seed" => {}
-            _ => {
-                return Err(invalid(
-                    "EXPORTER_COLLECTORS",
-                    v.to_string(),
-                    "expected a comma list of flow_runs, deployments, work_pools, work_queues, \
-                     active_flow_runs, concurrency_limits, events",
-                ))
-            }
-        }
-    }
-    Ok(c)
-}
-
-/// A number of seconds with an optional unit (`90`, `1.5m`, `2h`, `1d`).
-fn seconds_with_unit(v: &str) -> Option<f64> {
-    let t = v.trim();
-    let (digits, factor) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (
-            &t[..i],
-            match c.to_ascii_lowercase() {
-                's' => 1.0,
-                'm' => 60.0,
-                'h' => 3600.0,
-                'd' => 86_400.0,
-                _ => return None,
-            },
-        ),
-        _ => (t, 1.0),
-    };
-    let n: f64 = digits.trim().parse().ok()?;
-    Some(n * factor).filter(|s| s.is_finite())
-}
-
-/// From 0 (count up to now: for servers known to store events at once) to an hour.
-fn parse_settle(v: &str) -> Result<Duration, ConfigError> {
-    seconds_with_unit(v)
-        .filter(|s| (0.0..=3600.0).contains(s))
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| {
-            invalid(
-                "EXPORTER_EVENTS_SETTLE",
-                v.to_string(),
-                "expected seconds or a number with s, m or h (e.g. 30s), from 0 to 1h",
-            )
-        })
-}
-
-/// Increasing upper bounds (`+Inf` is implied), at most 50 of them.
-fn parse_buckets(v: &str) -> Result<Vec<f64>, ConfigError> {
-    let bad = || {
-        invalid(
-            "EXPORTER_DURATION_BUCKETS",
-            v.to_string(),
-            "expected increasing positive seconds separated by commas, at most 50 \
-             (e.g. 1,10,60,10m,1h,1d)",
-        )
-    };
-    let mut out: Vec<f64> = Vec::new();
-    for part in v.split(',') {
-        let b = seconds_with_unit(part)
-            .filter(|b| *b > 0.0)
-            .ok_or_else(bad)?;
-        if out.last().is_some_and(|last| b <= *last) {
-            return Err(bad());
-        }
-        out.push(b);
-    }
-    if out.len() > 50 {
-        return Err(bad());
-    }
-    Ok(out)
-}
-
-/// Seconds, or a number with a unit: `90`, `90s`, `15m`, `12h`, `7d`.
-fn parse_lookback(v: &str) -> Result<Duration, ConfigError> {
-    let t = v.trim();
-    let (digits, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_lowercase()),
-        _ => (t, 's'),
-    };
-    let factor = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        _ => 0,
-    };
-    digits
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(factor))
-        .filter(|s| *s >= 1 && *s <= 86_400 * 3650)
-        .map(Duration::from_secs)
-        .ok_or_else(|| {
-            invalid(
-                "EXPORTER_LOOKBACK",
-                v.to_string(),
-                "expected seconds or a number with s, m, h or d (e.g. 7d), from 1s to 3650d",
-            )
-        })
-}
-
-/// Like EXPORTER_LOOKBACK, and 0 (every collection) is allowed.
-fn parse_max_age(v: &str) -> Result<Duration, ConfigError> {
-    let zero = v.trim().trim_end_matches(|c: char| "smhdSMHD".contains(c));
-    if zero.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    parse_lookback(v).map_err(|_| {
-        invalid(
-            "EXPORTER_FLOW_RUNS_MAX_AGE",
-            v.to_string(),
-            "expected seconds or a number with s, m, h or d (e.g. 10m), from 0 to 3650d",
-        )
-    })
-}
-
-fn parse_headers(
-    v: &str,
-    warnings: &mut Vec<String>,
-) -> Result<Vec<(String, String)>, ConfigError> {
-    let expected =
-        "expected a JSON object of header names to string values, e.g. {\"X-Team\": \"data\"}";
-    // The value may hold tokens: never echo it.
-    let bad = || invalid("PREFECT_CLIENT_CUSTOM_HEADERS", "***".into(), expected);
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(v).map_err(|_| bad())?;
-    let mut out = Vec::new();
-    for (name, value) in map {
-        let value = value.as_str().ok_or_else(bad)?.to_string();
-        let valid_name = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !valid_name || !is_header_value(&value) {
-            return Err(bad());
-        }
-        if PROTECTED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-            warnings.push(format!(
-                "PREFECT_CLIENT_CUSTOM_HEADERS: header {name} is set by the exporter itself and is ignored"
-            ));
-            continue;
-        }
-        out.push((name, value));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -1296,19 +904,57 @@ mod tests {
         assert_eq!(c.warnings.len(), 2);
     }
 
-    fn write_profiles(text: &str) -> (PathBuf, String) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pe-config-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("profiles.toml");
+    /// A test's own folder under the temp dir, removed when the guard drops, so
+    /// that no run leaves folders (holding fake secrets) behind, even when an
+    /// assertion fails.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "pe-config-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A profiles file in its own temp folder; keep the guard alive while it is used.
+    fn write_profiles(text: &str) -> (TempDir, PathBuf, String) {
+        let dir = TempDir::new();
+        let path = dir.0.join("profiles.toml");
         std::fs::write(&path, text).unwrap();
         let shown = path.display().to_string();
-        (path, shown)
+        (dir, path, shown)
+    }
+
+    #[test]
+    fn temp_folders_are_removed_when_the_test_is_done() {
+        let (dir, path, _) = write_profiles(PROFILES);
+        let folder = dir.0.clone();
+        assert!(path.is_file());
+        drop(dir);
+        assert!(!folder.exists(), "{} left behind", folder.display());
+        // Also when the test fails while holding it.
+        let folder = std::panic::catch_unwind(|| {
+            let (dir, _, _) = write_profiles(PROFILES);
+            let folder = dir.0.clone();
+            std::panic::panic_any(folder);
+        })
+        .err()
+        .and_then(|p| p.downcast::<PathBuf>().ok())
+        .expect("the panic carries the folder");
+        assert!(!folder.exists(), "{} left behind", folder.display());
     }
 
     fn load(path: &std::path::Path, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -1335,7 +981,7 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn profile_fills_what_the_environment_lacks() {
-        let (path, shown) = write_profiles(PROFILES);
+        let (_dir, path, shown) = write_profiles(PROFILES);
         let c = load(&path, &[]).unwrap();
         assert_eq!(c.api_url, "http://dev.example:4200/api");
         assert!(c.auth == Auth::Basic("admin:pr0file".into()));
@@ -1352,7 +998,7 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn environment_wins_over_the_profile() {
-        let (path, _) = write_profiles(PROFILES);
+        let (_dir, path, _) = write_profiles(PROFILES);
         let c = load(
             &path,
             &[
@@ -1374,7 +1020,7 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn bad_profile_values_name_variable_profile_and_file() {
-        let (path, shown) = write_profiles(PROFILES);
+        let (_dir, path, shown) = write_profiles(PROFILES);
         let e = load(&path, &[("PREFECT_PROFILE", "broken")]).err().unwrap();
         let text = e.to_string();
         assert!(
@@ -1407,10 +1053,10 @@ PREFECT_CLIENT_MAX_RETRIES = "lots"
 
     #[test]
     fn unusable_profiles_files_stop_the_start() {
-        let (path, shown) = write_profiles("active = \"dev\"\n[profiles.dev\n");
+        let (_dir, path, shown) = write_profiles("active = \"dev\"\n[profiles.dev\n");
         let e = load(&path, &[]).err().unwrap().to_string();
         assert!(e.contains(&shown) && e.contains("TOML"), "{e}");
-        let (path, shown) = write_profiles(PROFILES);
+        let (_dir, path, shown) = write_profiles(PROFILES);
         let e = load(&path, &[("PREFECT_PROFILE", "nope")])
             .err()
             .unwrap()

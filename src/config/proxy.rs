@@ -14,7 +14,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::config::ConfigError;
+use super::error::ConfigError;
 
 /// The proxy to use and the variable it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,6 +318,32 @@ mod tests {
             (k == "HTTP_PROXY").then(|| "ftp://x".to_string())
         });
         assert!(e.is_err());
+    }
+
+    #[test]
+    fn a_socks_proxy_stops_the_start_only_where_it_would_be_used() {
+        let socks =
+            |var: &'static str| move |k: &str| (k == var).then(|| "socks5://s:1080".to_string());
+        // The variable of the URL's scheme, or ALL_PROXY without it: refused.
+        assert!(choose("http://p/api", &socks("HTTP_PROXY")).is_err());
+        assert!(choose("https://p/api", &socks("HTTPS_PROXY")).is_err());
+        assert!(choose("https://p/api", &socks("ALL_PROXY")).is_err());
+        // The other scheme's variable, or a host in NO_PROXY: not used, no error.
+        assert_eq!(choose("http://p/api", &socks("HTTPS_PROXY")), Ok(None));
+        assert_eq!(choose("https://p/api", &socks("HTTP_PROXY")), Ok(None));
+        let bypassed = |k: &str| match k {
+            "HTTPS_PROXY" => Some("socks5://s:1080".to_string()),
+            "NO_PROXY" => Some("p".to_string()),
+            _ => None,
+        };
+        assert_eq!(choose("https://p/api", &bypassed), Ok(None));
+        // An http proxy in the scheme's variable wins over a SOCKS ALL_PROXY.
+        let both = |k: &str| match k {
+            "HTTPS_PROXY" => Some("http://h:3128".to_string()),
+            "ALL_PROXY" => Some("socks5://s:1080".to_string()),
+            _ => None,
+        };
+        assert!(choose("https://p/api", &both).unwrap().is_some());
     }
 
     #[test]

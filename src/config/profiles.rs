@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::config::ConfigError;
+use super::error::ConfigError;
+use super::parse::env_value;
 
 /// The settings a profile may provide: Prefect's own client settings. The
 /// exporter's settings (EXPORTER_*, LOG_LEVEL) and proxies are environment-only.
@@ -270,6 +271,23 @@ fn profile_error(path: &Path, detail: String) -> ConfigError {
     ConfigError::Profile {
         path: path.display().to_string(),
         detail,
+    }
+}
+
+/// The lookup `from_lookup` reads: the environment first (an empty value counts
+/// as unset), then, for Prefect client settings only, the active profile.
+pub fn env_then_profile<'a>(
+    env: &'a dyn Fn(&str) -> Option<String>,
+    profile: Option<&'a Profile>,
+) -> impl Fn(&str) -> Option<String> + 'a {
+    move |name: &str| {
+        env_value(env, name).or_else(|| {
+            if PROFILE_SETTINGS.contains(&name) {
+                profile.and_then(|p| p.get(name))
+            } else {
+                None
+            }
+        })
     }
 }
 
