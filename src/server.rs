@@ -16,8 +16,8 @@
 //!   what the connection threads of an attack allocated.
 //!
 //! What tiny_http cannot bound (the length of a header line, the number of
-//! connection threads, its queue of parsed requests) is measured in the README,
-//! section "Hostile clients".
+//! connection threads, its queue of parsed requests) is measured in
+//! docs/operations.md, section "Hostile clients".
 
 use std::collections::HashMap;
 use std::io::{self, Cursor, Read};

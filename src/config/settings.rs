@@ -39,7 +39,7 @@ pub const DEFAULT_DURATION_BUCKETS: &[f64] = &[
 ];
 
 /// Every variable the exporter reads, with its default and meaning: the single
-/// source for `--help` and the README table.
+/// source for `--help` and the table of docs/settings.md.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "PREFECT_API_URL",
