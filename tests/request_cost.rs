@@ -274,10 +274,35 @@ fn diff(after: &Counts, before: &Counts) -> Counts {
 
 /// Requests of `MEASURED` consecutive successful collections, per path, once
 /// runs have been created more than the overlap ago, so that the look at
-/// changed runs finds none. A window with a failed collection (a deadline
-/// missed on a busy machine: the next collection also asks for the server
-/// version) is measured again.
+/// changed runs finds none, and once two windows in a row cost the same: the
+/// start-up look-ups of the last-run times (at most 90 per collection, within
+/// half of the time left) may still be going on after the overlap. A window
+/// with a failed collection (a deadline missed on a busy machine: the next
+/// collection also asks for the server version) is measured again.
 fn steady_counts(exp: &Exporter, proxy: &CountingProxy, quiet_since: Instant) -> Counts {
+    let mut previous = window_counts(exp, proxy, quiet_since);
+    for _window in 0..10 {
+        let next = window_counts(exp, proxy, quiet_since);
+        if next == previous {
+            return next
+                .into_iter()
+                .map(|(k, v)| {
+                    assert_eq!(
+                        v % MEASURED,
+                        0,
+                        "{k}: {v} requests in {MEASURED} collections"
+                    );
+                    (k, v / MEASURED)
+                })
+                .collect();
+        }
+        previous = next;
+    }
+    panic!("no two windows of {MEASURED} collections cost the same: {previous:?}");
+}
+
+/// Requests of `MEASURED` consecutive successful collections, per path (sums).
+fn window_counts(exp: &Exporter, proxy: &CountingProxy, quiet_since: Instant) -> Counts {
     // A wait on the clock, not a synchronisation: the exporter keeps
     // collecting meanwhile.
     while quiet_since.elapsed() < SETTLE {
@@ -294,17 +319,7 @@ fn steady_counts(exp: &Exporter, proxy: &CountingProxy, quiet_since: Instant) ->
             eprintln!("a collection failed while measuring; measuring again");
             continue;
         }
-        return diff(&after, &before)
-            .into_iter()
-            .map(|(k, v)| {
-                assert_eq!(
-                    v % MEASURED,
-                    0,
-                    "{k}: {v} requests in {MEASURED} collections"
-                );
-                (k, v / MEASURED)
-            })
-            .collect();
+        return diff(&after, &before);
     }
     panic!("collections kept failing\n{}", exp.stderr());
 }
