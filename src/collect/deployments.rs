@@ -447,7 +447,7 @@ fn newest_run_body<'a>(
 
 /// Looks up, for listed deployments not seen before, the newest run per
 /// tracked state type that ended within the lookback: 3 requests per
-/// deployment, at most `MAX_PRIME_REQUESTS` and half of the time left per
+/// deployment, at most `MAX_PRIME_REQUESTS` and a quarter of the time left per
 /// collection; the rest at the next collections.
 fn prime_last_runs(
     client: &mut Client,
@@ -457,7 +457,9 @@ fn prime_last_runs(
     deadline: Instant,
 ) -> Result<(), ApiError> {
     let started_at = Instant::now();
-    let soft_deadline = started_at + deadline.saturating_duration_since(started_at) / 2;
+    // A quarter of the time left: the look-ups can wait for the next
+    // collection, the pass and the groups after this one cannot.
+    let soft_deadline = started_at + deadline.saturating_duration_since(started_at) / 4;
     let first = *state.first_collection.get_or_insert_with(rfc3339::now);
     let after = first - lookback.as_secs_f64();
     let mut sent = 0;
