@@ -20,7 +20,7 @@
 //! docs/operations.md, section "Hostile clients".
 
 use std::collections::HashMap;
-use std::io::{self, Cursor, Read};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -209,11 +209,12 @@ pub fn serve(listener: &TcpListener, metrics: &Metrics, shutdown: &Shutdown) {
         return;
     };
     let mut stalled = Stalled::default();
+    let mut joined = Joined::default();
     let mut last_tick = Instant::now();
     while !shutdown.requested() {
         let mut broken = match server.recv_timeout(TICK) {
             Ok(Some(request)) => {
-                answer(request, metrics, &mut stalled);
+                answer(request, metrics, &mut stalled, &mut joined);
                 false
             }
             Ok(None) => false,
@@ -334,7 +335,7 @@ impl Stalled {
     }
 }
 
-fn answer(request: Request, metrics: &Metrics, stalled: &mut Stalled) {
+fn answer(request: Request, metrics: &Metrics, stalled: &mut Stalled, joined: &mut Joined) {
     let peer = request.remote_addr().copied();
     if peer.is_some_and(|p| stalled.contains(&p)) {
         // Dropping an unanswered request would write a 500 (and block again);
@@ -342,14 +343,14 @@ fn answer(request: Request, metrics: &Metrics, stalled: &mut Stalled) {
         drop(request.into_writer());
         return;
     }
-    let reply = route(request.method(), path_of(request.url()), metrics);
+    let reply = route(request.method(), path_of(request.url()), metrics, joined);
     log::trace!(
         "{} {} -> {}",
         request.method(),
         printable(request.url()),
         reply.status
     );
-    if let Err(e) = request.respond(reply.into_response()) {
+    if let Err(e) = request.respond(reply.response()) {
         log::debug!(
             "HTTP client did not take its answer in time ({e}): ignoring its later requests"
         );
@@ -392,12 +393,10 @@ fn printable(v: &str) -> String {
 struct Reply {
     status: u16,
     content_type: &'static str,
-    body: [Part; 2],
+    body: Part,
     allow: bool,
 }
 
-/// A piece of a body. /metrics is the last collection's rendering followed by
-/// the process series, sent as they are, without copying them into one buffer.
 enum Part {
     Static(&'static [u8]),
     Owned(Vec<u8>),
@@ -415,22 +414,57 @@ impl AsRef<[u8]> for Part {
 }
 
 impl Reply {
-    fn into_response(self) -> Response<impl Read> {
-        let [first, second] = self.body;
-        let length = first.as_ref().len() + second.as_ref().len();
+    /// The body goes to tiny_http as one slice: `io::copy` from a slice is one
+    /// `write_all`, so the answer leaves in two writes (head, body) rather than
+    /// in 8 KiB pieces.
+    fn response(&self) -> Response<&[u8]> {
+        let body = self.body.as_ref();
         let mut headers = Vec::with_capacity(2);
         headers.extend(Header::from_bytes("Content-Type", self.content_type).ok());
         if self.allow {
             headers.extend(Header::from_bytes("Allow", "GET, HEAD").ok());
         }
-        let body = Cursor::new(first).chain(Cursor::new(second));
         // A known length always goes out as Content-Length, never chunked.
-        Response::new(StatusCode(self.status), headers, body, Some(length), None)
-            .with_chunked_threshold(usize::MAX)
+        Response::new(
+            StatusCode(self.status),
+            headers,
+            body,
+            Some(body.len()),
+            None,
+        )
+        .with_chunked_threshold(usize::MAX)
     }
 }
 
-fn route(method: &Method, path: &str, metrics: &Metrics) -> Reply {
+/// The /metrics body: the last collection's rendering followed by the process
+/// series, joined again only when either changes (once per collection, and at
+/// most once a second for the process part), not at every scrape.
+#[derive(Default)]
+struct Joined {
+    /// The collection's and the process part's bytes that `body` joins.
+    parts: Option<[Arc<Vec<u8>>; 2]>,
+    body: Arc<Vec<u8>>,
+}
+
+impl Joined {
+    fn metrics(&mut self, metrics: &Metrics) -> Arc<Vec<u8>> {
+        let (rendered, process) = (metrics.rendered(), metrics.process_rendered());
+        let current = self
+            .parts
+            .as_ref()
+            .is_some_and(|[r, p]| Arc::ptr_eq(r, &rendered) && Arc::ptr_eq(p, &process));
+        if !current {
+            let mut body = Vec::with_capacity(rendered.len() + process.len());
+            body.extend_from_slice(&rendered);
+            body.extend_from_slice(&process);
+            self.body = Arc::new(body);
+            self.parts = Some([rendered, process]);
+        }
+        Arc::clone(&self.body)
+    }
+}
+
+fn route(method: &Method, path: &str, metrics: &Metrics, joined: &mut Joined) -> Reply {
     const KNOWN: &[&str] = &["/", "/metrics", "/healthz", "/readyz"];
     if !matches!(method, Method::Get | Method::Head) {
         return if KNOWN.contains(&path) {
@@ -446,26 +480,20 @@ fn route(method: &Method, path: &str, metrics: &Metrics) -> Reply {
         "/metrics" => Reply {
             status: 200,
             content_type: CONTENT_TYPE,
-            body: [
-                Part::Shared(metrics.rendered()),
-                Part::Shared(metrics.process_rendered()),
-            ],
+            body: Part::Shared(joined.metrics(metrics)),
             allow: false,
         },
         "/" => Reply {
             status: 200,
             content_type: "text/html; charset=utf-8",
-            body: [Part::Static(INDEX.as_bytes()), Part::Static(b"")],
+            body: Part::Static(INDEX.as_bytes()),
             allow: false,
         },
         "/healthz" => text(200, "ok\n"),
         "/readyz" => match metrics.readiness() {
             Readiness::Ready => text(200, "ready\n"),
             Readiness::NotReady(why) => Reply {
-                body: [
-                    Part::Owned(format!("not ready: {why}\n").into_bytes()),
-                    Part::Static(b""),
-                ],
+                body: Part::Owned(format!("not ready: {why}\n").into_bytes()),
                 ..text(503, "")
             },
         },
@@ -477,7 +505,7 @@ fn text(status: u16, body: &'static str) -> Reply {
     Reply {
         status,
         content_type: "text/plain; charset=utf-8",
-        body: [Part::Static(body.as_bytes()), Part::Static(b"")],
+        body: Part::Static(body.as_bytes()),
         allow: false,
     }
 }
@@ -517,16 +545,28 @@ mod tests {
     #[test]
     fn routes_and_methods() {
         let m = Metrics::new();
-        let status = |method: Method, path: &str| route(&method, path, &m).status;
+        let mut j = Joined::default();
+        let mut status = |method: Method, path: &str| route(&method, path, &m, &mut j).status;
         assert_eq!(status(Method::Get, "/metrics"), 200);
         assert_eq!(status(Method::Head, "/metrics"), 200);
         assert_eq!(status(Method::Get, "/healthz"), 200);
         assert_eq!(status(Method::Get, "/"), 200);
         assert_eq!(status(Method::Get, "/readyz"), 503);
         assert_eq!(status(Method::Get, "/nope"), 404);
-        let r = route(&Method::Post, "/metrics", &m);
+        let r = route(&Method::Post, "/metrics", &m, &mut Joined::default());
         assert!(r.status == 405 && r.allow);
         assert_eq!(status(Method::Delete, "/nope"), 404);
+    }
+
+    #[test]
+    fn the_metrics_body_is_joined_again_only_when_a_part_changes() {
+        let m = Metrics::new();
+        let mut j = Joined::default();
+        let first = j.metrics(&m);
+        assert_eq!(first.len(), m.rendered().len() + m.process_rendered().len());
+        assert!(first.ends_with(&m.process_rendered()));
+        // Within the process part's second, the same bytes, not a new copy.
+        assert!(Arc::ptr_eq(&first, &j.metrics(&m)));
     }
 
     #[test]

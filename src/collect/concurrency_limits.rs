@@ -11,19 +11,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+use super::listing::all_pages;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::{ConcurrencyLimitSeries, DeploymentSeries};
 
-const PAGE: usize = 200;
 const DEPLOYMENT_PREFIX: &str = "deployment:";
-
-#[derive(Serialize)]
-struct Page {
-    limit: usize,
-    offset: usize,
-}
 
 #[derive(Deserialize)]
 struct Limit {
@@ -45,25 +39,10 @@ pub fn collect(
     deployments: &[DeploymentSeries],
     deadline: Instant,
 ) -> Result<Vec<ConcurrencyLimitSeries>, ApiError> {
-    let mut limits: Vec<Limit> = Vec::new();
+    let mut limits: Vec<Limit> =
+        all_pages(client, "/v2/concurrency_limits/filter", None, deadline)?;
     let mut seen = HashSet::new();
-    let mut offset = 0;
-    loop {
-        let page: Vec<Limit> = client.post(
-            "/v2/concurrency_limits/filter",
-            &Page {
-                limit: PAGE,
-                offset,
-            },
-            deadline,
-        )?;
-        let short = page.len() < PAGE;
-        limits.extend(page.into_iter().filter(|l| seen.insert(l.id.clone())));
-        if short {
-            break;
-        }
-        offset += PAGE;
-    }
+    limits.retain(|x| seen.insert(x.id.clone()));
     Ok(series(limits, deployments))
 }
 

@@ -123,8 +123,54 @@ pub fn runs<T: DeserializeOwned>(
     }
 }
 
+#[derive(Serialize)]
+struct Paging {
+    limit: usize,
+    offset: usize,
+}
+
+/// Every page of a listing, 200 at a time, until a short page or, when the
+/// total is known, until it is reached. Offset paging can repeat an item when
+/// the set changes between pages: callers keyed by id drop repeats.
+pub fn all_pages<T: DeserializeOwned>(
+    client: &mut Client,
+    path: &str,
+    total: Option<u64>,
+    deadline: Instant,
+) -> Result<Vec<T>, ApiError> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while total.is_none_or(|t| (offset as u64) < t) {
+        let page: Vec<T> = client.post(
+            path,
+            &Paging {
+                limit: PAGE,
+                offset,
+            },
+            deadline,
+        )?;
+        let short = page.len() < PAGE;
+        out.extend(page);
+        if short {
+            break;
+        }
+        offset += PAGE;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn page_body_is_limit_and_offset() {
+        let b = serde_json::to_string(&Paging {
+            limit: 200,
+            offset: 400,
+        })
+        .unwrap();
+        assert_eq!(b, r#"{"limit":200,"offset":400}"#);
+    }
+
     use super::*;
 
     #[test]

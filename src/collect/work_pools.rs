@@ -12,22 +12,16 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::listing::all_pages;
 use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::{WorkPoolSeries, WorkPoolsPart};
 
-const PAGE: usize = 200;
 /// Always shown per pool, at 0 when no worker has that status.
 pub const WORKER_STATUSES: &[&str] = &["ONLINE", "OFFLINE"];
 
 #[derive(Serialize)]
 struct Empty {}
-
-#[derive(Serialize)]
-struct Page {
-    limit: usize,
-    offset: usize,
-}
 
 #[derive(Deserialize)]
 struct Pool {
@@ -71,35 +65,6 @@ fn list_workers(
 ) -> Result<Vec<Worker>, ApiError> {
     let path = format!("/work_pools/{}/workers/filter", encode_segment(pool));
     all_pages(client, &path, None, deadline)
-}
-
-/// Every page of a listing, 200 at a time, until a short page or, when the
-/// total is known, until it is reached.
-fn all_pages<T: serde::de::DeserializeOwned>(
-    client: &mut Client,
-    path: &str,
-    total: Option<u64>,
-    deadline: Instant,
-) -> Result<Vec<T>, ApiError> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while total.is_none_or(|t| (offset as u64) < t) {
-        let page: Vec<T> = client.post(
-            path,
-            &Page {
-                limit: PAGE,
-                offset,
-            },
-            deadline,
-        )?;
-        let short = page.len() < PAGE;
-        out.extend(page);
-        if short {
-            break;
-        }
-        offset += PAGE;
-    }
-    Ok(out)
 }
 
 fn pool_series(pool: Pool, workers: &[Worker], now: f64) -> WorkPoolSeries {
@@ -211,15 +176,5 @@ mod tests {
     fn pool_names_are_encoded_for_the_path() {
         assert_eq!(encode_segment("lab-pool_1.x~"), "lab-pool_1.x~");
         assert_eq!(encode_segment("pool é? #x"), "pool%20%C3%A9%3F%20%23x");
-    }
-
-    #[test]
-    fn page_body_is_limit_and_offset() {
-        let b = serde_json::to_string(&Page {
-            limit: 200,
-            offset: 400,
-        })
-        .unwrap();
-        assert_eq!(b, r#"{"limit":200,"offset":400}"#);
     }
 }

@@ -10,19 +10,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+use super::listing::all_pages;
 use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::{WorkQueueSeries, WorkQueuesPart};
-
-const PAGE: usize = 200;
-
-#[derive(Serialize)]
-struct Page {
-    limit: usize,
-    offset: usize,
-}
 
 #[derive(Deserialize)]
 struct Queue {
@@ -50,25 +43,9 @@ pub fn collect(
     late_by_queue: &HashMap<String, u64>,
     deadline: Instant,
 ) -> Result<WorkQueuesPart, ApiError> {
-    let mut queues: Vec<Queue> = Vec::new();
+    let mut queues: Vec<Queue> = all_pages(client, "/work_queues/filter", None, deadline)?;
     let mut seen = HashSet::new();
-    let mut offset = 0;
-    loop {
-        let page: Vec<Queue> = client.post(
-            "/work_queues/filter",
-            &Page {
-                limit: PAGE,
-                offset,
-            },
-            deadline,
-        )?;
-        let short = page.len() < PAGE;
-        queues.extend(page.into_iter().filter(|q| seen.insert(q.id.clone())));
-        if short {
-            break;
-        }
-        offset += PAGE;
-    }
+    queues.retain(|x| seen.insert(x.id.clone()));
     Ok(WorkQueuesPart {
         queues: queues
             .into_iter()
