@@ -2,25 +2,47 @@
 //!
 //! Cost per collection, with L late runs on the server and a cap C
 //! (EXPORTER_MAX_LISTED_RUNS, default 1,000): one `POST /flow_runs/count`
-//! (2-5 ms of server CPU), and only when L > 0, min(ceil(L/200), ceil(C/200))
-//! pages of `POST /flow_runs/filter` (80-100 ms each for full pages). A healthy
-//! server costs one count. The cost never depends on how many deployments or
-//! queues are late, only on one page per 200 late runs, and stops at the cap.
+//! (2-5 ms of server CPU), and only when L > 0 one fingerprint, the newest
+//! late run by expected start time (`POST /flow_runs/filter`, `limit: 1`). The
+//! listing itself, min(ceil(L/200), ceil(C/200)) pages of `POST
+//! /flow_runs/filter` (80-160 ms of server CPU each for full pages), is sent
+//! only when the late set may have changed: the count or the fingerprint
+//! differs from the last listing's, the last collection's late-run requests
+//! (count, fingerprint or listing) failed, or the listing is older than
+//! `LISTING_MAX_AGE` (10 min, the default of EXPORTER_FLOW_RUNS_MAX_AGE; not
+//! that setting itself, which users set to 0 to read the cheap per-state
+//! counts every collection and which would then bring back the pages). A
+//! server that just holds a thousand old late runs so costs 2 cheap requests
+//! per collection, not 5 full pages. A healthy server costs one count. The
+//! cost never depends on how many deployments or queues are late.
+//!
+//! What the reuse cannot see: between two collections, a late run leaving the
+//! state (started, cancelled, deleted) while another one whose expected start
+//! time is older than the newest late run's enters it leaves the count and the
+//! fingerprint unchanged, so the per-deployment and per-queue split stays the
+//! old one until the listing's maximum age. Runs become late in the order of
+//! their expected start times, so a run entering Late is almost always the
+//! newest one; the total (`prefect_late_flow_runs`) is counted every
+//! collection and always exact.
 //!
 //! Below the cap, the counts per deployment and per queue are exact. Past it,
 //! they count the listed runs only; the exact total still comes from the count,
 //! and `prefect_late_flow_runs_capped` says that the cap was hit.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::listing::{self, States};
+use super::listing::{self, RunsFilter, States};
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::LateRunsSummary;
 
 const LATE: States = States::Names(&["Late"]);
+
+/// Longest time a listing is reused while the count and the newest late run
+/// are unchanged: bounds what the reuse cannot see (module doc).
+pub const LISTING_MAX_AGE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LateRuns {
@@ -42,13 +64,92 @@ struct LateRun {
     work_queue_id: Option<String>,
 }
 
-pub fn collect(client: &mut Client, max: usize, deadline: Instant) -> Result<LateRuns, ApiError> {
+/// What the collector remembers between collections: the last good listing
+/// and what it was taken under.
+#[derive(Default)]
+pub struct State {
+    last: Option<Listed>,
+}
+
+struct Listed {
+    key: Key,
+    at: Instant,
+    late: LateRuns,
+}
+
+/// What must be unchanged for a listing to be reused.
+#[derive(Debug, Clone, PartialEq)]
+struct Key {
+    total: u64,
+    /// Id of the newest late run by expected start time.
+    newest: Option<String>,
+    /// The cap the listing was taken with.
+    max: usize,
+}
+
+/// The fingerprint request: the newest late run only (a run becoming late is
+/// almost always the newest by expected start time).
+#[derive(Serialize)]
+struct NewestBody {
+    #[serde(flatten)]
+    filter: RunsFilter,
+    sort: &'static str,
+    limit: usize,
+}
+
+fn newest_body() -> NewestBody {
+    NewestBody {
+        filter: listing::filter(LATE),
+        sort: "EXPECTED_START_TIME_DESC",
+        limit: 1,
+    }
+}
+
+/// Whether the last listing still stands for the late set described by
+/// `key`: same count, same newest run, same cap, and younger than `max_age`.
+fn reusable(last: Option<(&Key, Instant)>, key: &Key, now: Instant, max_age: Duration) -> bool {
+    match last {
+        Some((k, at)) => k == key && now.saturating_duration_since(at) < max_age,
+        None => false,
+    }
+}
+
+pub fn collect(
+    client: &mut Client,
+    max: usize,
+    max_age: Duration,
+    state: &mut State,
+    deadline: Instant,
+) -> Result<LateRuns, ApiError> {
+    // Taken out: any failure below leaves no listing to reuse.
+    let last = state.last.take();
     let total = listing::count(client, LATE, deadline)?;
     if total == 0 {
         return Ok(LateRuns::default());
     }
+    let newest: Vec<LateRun> = client.post("/flow_runs/filter", &newest_body(), deadline)?;
+    let key = Key {
+        total,
+        newest: newest.into_iter().next().map(|r| r.id),
+        max,
+    };
+    let now = Instant::now();
+    if let Some(l) = last {
+        if reusable(Some((&l.key, l.at)), &key, now, max_age) {
+            let mut late = l.late.clone();
+            late.summary.listing_age = now.saturating_duration_since(l.at);
+            state.last = Some(l);
+            return Ok(late);
+        }
+    }
     let (runs, capped) = listing::runs(client, LATE, max, |r: &LateRun| &r.id, deadline)?;
-    Ok(tally(total, &runs, capped))
+    let late = tally(total, &runs, capped);
+    state.last = Some(Listed {
+        key,
+        at: now,
+        late: late.clone(),
+    });
+    Ok(late)
 }
 
 fn tally(total: u64, runs: &[LateRun], capped: bool) -> LateRuns {
@@ -57,6 +158,7 @@ fn tally(total: u64, runs: &[LateRun], capped: bool) -> LateRuns {
             total,
             listed: runs.len() as u64,
             capped,
+            listing_age: Duration::ZERO,
         },
         ..LateRuns::default()
     };
@@ -95,7 +197,8 @@ mod tests {
             LateRunsSummary {
                 total: 1,
                 listed: 1,
-                capped: false
+                capped: false,
+                listing_age: Duration::ZERO,
             }
         );
         assert_eq!(
@@ -105,6 +208,41 @@ mod tests {
         assert_eq!(
             late.by_queue,
             HashMap::from([("9d5ce0cf-0900-4420-8b28-444e01d3fcef".to_string(), 1)])
+        );
+    }
+
+    #[test]
+    fn the_listing_is_reused_only_while_count_newest_run_and_cap_hold() {
+        let key = |total: u64, newest: &str, max: usize| Key {
+            total,
+            newest: Some(newest.to_string()),
+            max,
+        };
+        let at = Instant::now();
+        let age = Duration::from_secs(600);
+        let last = key(300, "a", 1000);
+        let reuse = |k: &Key, now: Instant| reusable(Some((&last, at)), k, now, age);
+        assert!(reuse(&key(300, "a", 1000), at + Duration::from_secs(30)));
+        assert!(!reuse(&key(301, "a", 1000), at), "count changed");
+        assert!(!reuse(&key(299, "a", 1000), at), "count changed");
+        assert!(!reuse(&key(300, "b", 1000), at), "newest run changed");
+        assert!(!reuse(&key(300, "a", 200), at), "cap changed");
+        assert!(!reuse(&key(300, "a", 1000), at + age), "too old");
+        assert!(
+            !reusable(None, &key(300, "a", 1000), at, age),
+            "no good listing"
+        );
+        assert!(
+            !reusable(Some((&last, at)), &last, at, Duration::ZERO),
+            "max age 0: list every collection"
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_newest_late_run() {
+        assert_eq!(
+            serde_json::to_string(&newest_body()).unwrap(),
+            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}},"sort":"EXPECTED_START_TIME_DESC","limit":1}"#
         );
     }
 

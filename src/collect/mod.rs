@@ -38,6 +38,7 @@ pub struct State {
     /// Whether the cap on listed late runs / runs in progress was logged.
     late_cap_warned: bool,
     active_cap_warned: bool,
+    late_runs: late_runs::State,
     events: events::State,
     flow_runs: flow_runs::State,
 }
@@ -67,11 +68,20 @@ fn shared_late<'a>(
     slot: &'a mut Option<Result<late_runs::LateRuns, ApiError>>,
     client: &mut Client,
     config: &Config,
+    state: &mut late_runs::State,
     deadline: Instant,
 ) -> Result<&'a late_runs::LateRuns, ApiError> {
-    slot.get_or_insert_with(|| late_runs::collect(client, config.max_listed_runs, deadline))
-        .as_ref()
-        .map_err(Clone::clone)
+    slot.get_or_insert_with(|| {
+        late_runs::collect(
+            client,
+            config.max_listed_runs,
+            late_runs::LISTING_MAX_AGE,
+            state,
+            deadline,
+        )
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }
 
 /// The deployment directory for the groups that label by deployment: the
@@ -176,7 +186,7 @@ pub fn collect_all(
             duration_buckets: config.duration_buckets.clone(),
         };
         run_group("deployments", &mut groups, || {
-            let late = shared_late(&mut late, client, config, deadline)?;
+            let late = shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
             deployments::collect(
                 client,
                 &settings,
@@ -200,7 +210,7 @@ pub fn collect_all(
     };
     let work_queues = if on.work_queues {
         run_group("work_queues", &mut groups, || {
-            let late = shared_late(&mut late, client, config, deadline)?;
+            let late = shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
             work_queues::collect(client, &late.by_queue, deadline)
         })
     } else {
