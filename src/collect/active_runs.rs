@@ -110,19 +110,7 @@ fn part(runs: &[ActiveRun], capped: bool, deployments: &[DeploymentSeries]) -> A
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn deployment(id: &str, name: &str) -> DeploymentSeries {
-        DeploymentSeries {
-            id: id.into(),
-            name: name.into(),
-            flow: "flow-ops".into(),
-            work_pool: String::new(),
-            paused: false,
-            status: String::new(),
-            last_run: [None; 3],
-            late_runs: 0,
-        }
-    }
+    use crate::collect::test_fixtures::deployment;
 
     fn t(s: &str) -> f64 {
         rfc3339::parse(s).unwrap()

@@ -72,19 +72,7 @@ fn series(limits: Vec<Limit>, deployments: &[DeploymentSeries]) -> Vec<Concurren
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn deployment(id: &str, name: &str) -> DeploymentSeries {
-        DeploymentSeries {
-            id: id.into(),
-            name: name.into(),
-            flow: "flow-ops".into(),
-            work_pool: String::new(),
-            paused: false,
-            status: String::new(),
-            last_run: [None; 3],
-            late_runs: 0,
-        }
-    }
+    use crate::collect::test_fixtures::deployment;
 
     fn recorded() -> Vec<Limit> {
         let v: serde_json::Value = serde_json::from_str(include_str!(

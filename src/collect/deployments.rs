@@ -598,11 +598,7 @@ fn build_items(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn response<T: serde::de::DeserializeOwned>(sample: &str) -> T {
-        let v: serde_json::Value = serde_json::from_str(sample).unwrap();
-        serde_json::from_value(v["response"].clone()).unwrap()
-    }
+    use crate::collect::test_fixtures::response;
 
     fn run(id: &str, dep: Option<&str>, state_type: &str, end: Option<&str>) -> EndedRun {
         EndedRun {

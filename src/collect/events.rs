@@ -250,11 +250,7 @@ fn format_micros(us: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn response<T: serde::de::DeserializeOwned>(sample: &str) -> T {
-        let v: serde_json::Value = serde_json::from_str(sample).unwrap();
-        serde_json::from_value(v["response"].clone()).unwrap()
-    }
+    use crate::collect::test_fixtures::response;
 
     #[test]
     fn recorded_answers_add_up_by_state_name() {

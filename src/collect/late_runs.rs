@@ -176,11 +176,7 @@ fn tally(total: u64, runs: &[LateRun], capped: bool) -> LateRuns {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn response<T: serde::de::DeserializeOwned>(sample: &str) -> T {
-        let v: serde_json::Value = serde_json::from_str(sample).unwrap();
-        serde_json::from_value(v["response"].clone()).unwrap()
-    }
+    use crate::collect::test_fixtures::response;
 
     #[test]
     fn recorded_late_runs_count_per_deployment_and_queue() {

@@ -276,3 +276,29 @@ pub fn collect_all(
     state.last_failed = !snapshot.succeeded();
     snapshot
 }
+
+/// Fixtures shared by the groups' unit tests.
+#[cfg(test)]
+pub(crate) mod test_fixtures {
+    use crate::snapshot::DeploymentSeries;
+
+    /// The answer of a recorded request/answer pair from tests/fixtures/.
+    pub fn response<T: serde::de::DeserializeOwned>(sample: &str) -> T {
+        let v: serde_json::Value = serde_json::from_str(sample).unwrap();
+        serde_json::from_value(v["response"].clone()).unwrap()
+    }
+
+    /// A deployment of flow `flow-ops` known only by its id and name.
+    pub fn deployment(id: &str, name: &str) -> DeploymentSeries {
+        DeploymentSeries {
+            id: id.into(),
+            name: name.into(),
+            flow: "flow-ops".into(),
+            work_pool: String::new(),
+            paused: false,
+            status: String::new(),
+            last_run: [None; 3],
+            late_runs: 0,
+        }
+    }
+}
