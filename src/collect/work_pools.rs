@@ -3,14 +3,15 @@
 //! heartbeat per pool, and the pool's concurrency limit and slots in use when
 //! the listing carries them (`active_slots` is recent: absent, not an error).
 //!
-//! Cost per collection with P pools: 1 count + ceil(P/200) listing pages + one
+//! Cost per collection with P pools: ceil((P+1)/200) listing pages + one
 //! workers request per pool (200 workers per page; Prefect has no request for
-//! the workers of several pools at once).
+//! the workers of several pools at once). `prefect_work_pools` is the number
+//! listed: the listing is never capped, so a count request would only repeat it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::listing::all_pages;
 use super::rfc3339;
@@ -19,9 +20,6 @@ use crate::snapshot::{WorkPoolSeries, WorkPoolsPart};
 
 /// Always shown per pool, at 0 when no worker has that status.
 pub const WORKER_STATUSES: &[&str] = &["ONLINE", "OFFLINE"];
-
-#[derive(Serialize)]
-struct Empty {}
 
 #[derive(Deserialize)]
 struct Pool {
@@ -47,9 +45,12 @@ struct Worker {
 }
 
 pub fn collect(client: &mut Client, deadline: Instant) -> Result<WorkPoolsPart, ApiError> {
-    let count: u64 = client.post("/work_pools/count", &Empty {}, deadline)?;
-    // Pools are listed by name, which is unique: pages neither overlap nor skip.
-    let pools: Vec<Pool> = all_pages(client, "/work_pools/filter", Some(count), deadline)?;
+    // Pools are listed by name, which is unique: pages neither overlap nor
+    // skip while the set is unchanged; a pool created meanwhile may repeat one.
+    let mut pools: Vec<Pool> = all_pages(client, "/work_pools/filter", None, deadline)?;
+    let mut seen = HashSet::new();
+    pools.retain(|p| seen.insert(p.name.clone()));
+    let count = pools.len() as u64;
     let mut out = Vec::with_capacity(pools.len());
     for pool in pools {
         let workers = list_workers(client, &pool.name, deadline)?;
