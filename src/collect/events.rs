@@ -1,10 +1,11 @@
 //! `prefect_flow_run_state_changes_total{state_name}` and
 //! `prefect_task_run_state_changes_total{state_name}`: state changes counted by
 //! Prefect itself, from its events (`prefect.flow-run.<state name>`,
-//! `prefect.task-run.<state name>`), one `POST /events/count-by/event` per
-//! family and collection, whatever the number of events.
+//! `prefect.task-run.<state name>`), ONE `POST /events/count-by/event` per
+//! collection for both families (the answer is per event name), whatever the
+//! number of events.
 //!
-//! Each family counts consecutive windows of `occurred` times: a window starts
+//! The counts cover consecutive windows of `occurred` times: a window starts
 //! one microsecond (Prefect's precision; both ends of its filter are inclusive)
 //! after the end of the last window that was counted, and ends at now minus the
 //! settle delay. A failed request leaves the window where it was, so the next
@@ -61,28 +62,20 @@ const FAMILIES: [(&str, &str); 2] = [
 
 /// What this group remembers between collections.
 pub struct State {
-    families: [Family; 2],
+    /// Unix microseconds of the end of the last counted window (inclusive).
+    counted_until: i64,
+    /// Per family of `FAMILIES`; `None` until the first window was counted.
+    totals: Option<[BTreeMap<String, u64>; 2]>,
     /// Set while the server answered 404/405: ask again after this.
     unsupported_until: Option<Instant>,
 }
 
-#[derive(Default)]
-struct Family {
-    /// Unix microseconds of the end of the last counted window (inclusive).
-    counted_until: i64,
-    /// `None` until the first window was counted.
-    totals: Option<BTreeMap<String, u64>>,
-}
-
 impl State {
-    /// The first windows start at `start`, the exporter's start.
+    /// The first window starts at `start`, the exporter's start.
     pub fn new(start: SystemTime) -> State {
-        let at = unix_micros(start) - 1;
         State {
-            families: [0, 1].map(|_| Family {
-                counted_until: at,
-                totals: None,
-            }),
+            counted_until: unix_micros(start) - 1,
+            totals: None,
             unsupported_until: None,
         }
     }
@@ -97,16 +90,16 @@ impl Default for State {
 // ---- request and answer ----
 
 #[derive(Serialize)]
-struct CountRequest<'a> {
-    filter: EventFilter<'a>,
+struct CountRequest {
+    filter: EventFilter,
     time_unit: &'static str,
     time_interval: u64,
 }
 
 #[derive(Serialize)]
-struct EventFilter<'a> {
+struct EventFilter {
     occurred: Occurred,
-    event: NameFilter<'a>,
+    event: NameFilter,
 }
 
 #[derive(Serialize)]
@@ -116,9 +109,9 @@ struct Occurred {
 }
 
 #[derive(Serialize)]
-struct NameFilter<'a> {
-    prefix: [&'a str; 1],
-    exclude_name: [&'a str; 1],
+struct NameFilter {
+    prefix: [&'static str; 2],
+    exclude_name: [&'static str; 2],
 }
 
 #[derive(Deserialize)]
@@ -129,16 +122,12 @@ struct EventCount {
 
 const WEEK_MICROS: i64 = 7 * 86_400 * 1_000_000;
 
-/// The events of one family in `[since, until]` (microseconds, inclusive). The
-/// buckets are weeks, as many per bucket as the window spans, so any window,
-/// even one that reaches back over a long outage, is one bucket (Prefect
-/// refuses more than 1,000); the count by event name ignores the buckets.
-fn count_request<'a>(
-    prefix: &'a str,
-    exclude: &'a str,
-    since: i64,
-    until: i64,
-) -> CountRequest<'a> {
+/// The events of both families in `[since, until]` (microseconds, inclusive).
+/// The buckets are weeks, as many per bucket as the window spans, so any
+/// window, even one that reaches back over a long outage, is one bucket
+/// (Prefect refuses more than 1,000); the count by event name ignores the
+/// buckets.
+fn count_request(since: i64, until: i64) -> CountRequest {
     let weeks = (until - since).max(0) / WEEK_MICROS + 1;
     CountRequest {
         filter: EventFilter {
@@ -147,8 +136,8 @@ fn count_request<'a>(
                 until: format_micros(until),
             },
             event: NameFilter {
-                prefix: [prefix],
-                exclude_name: [exclude],
+                prefix: FAMILIES.map(|(prefix, _)| prefix),
+                exclude_name: FAMILIES.map(|(_, heartbeat)| heartbeat),
             },
         },
         time_unit: "week",
@@ -189,18 +178,16 @@ pub fn collect(
         return Ok(None);
     }
     let until = unix_micros(SystemTime::now()) - settle.as_micros() as i64;
-    for (family, (prefix, exclude)) in state.families.iter_mut().zip(FAMILIES) {
-        // The first window is counted at once, even if empty, so that the
-        // series appear (at 0) with the first collection.
-        let since = family.counted_until + 1;
-        let until = if family.totals.is_none() {
-            until.max(since)
-        } else if until < since {
-            continue;
-        } else {
-            until
-        };
-        let body = count_request(prefix, exclude, since, until);
+    // The first window is counted at once, even if empty, so that the series
+    // appear (at 0) with the first collection.
+    let since = state.counted_until + 1;
+    let until = if state.totals.is_none() {
+        Some(until.max(since))
+    } else {
+        (until >= since).then_some(until)
+    };
+    if let Some(until) = until {
+        let body = count_request(since, until);
         let rows: Vec<EventCount> = match client.post("/events/count-by/event", &body, deadline) {
             Ok(rows) => rows,
             Err(ApiError::Status { status, .. }) if matches!(status, 404 | 405) => {
@@ -215,18 +202,19 @@ pub fn collect(
             }
             Err(e) => return Err(e),
         };
-        add_counts(
-            family.totals.get_or_insert_with(initial_totals),
-            prefix,
-            &rows,
-        );
-        family.counted_until = until;
+        let totals = state
+            .totals
+            .get_or_insert_with(|| [0, 1].map(|_| initial_totals()));
+        for (family, (prefix, _)) in totals.iter_mut().zip(FAMILIES) {
+            add_counts(family, prefix, &rows);
+        }
+        state.counted_until = until;
     }
     state.unsupported_until = None;
-    let [flow, task] = &state.families;
+    let [flow_runs, task_runs] = state.totals.clone().unwrap_or_default();
     Ok(Some(StateChanges {
-        flow_runs: flow.totals.clone().unwrap_or_default(),
-        task_runs: task.totals.clone().unwrap_or_default(),
+        flow_runs,
+        task_runs,
     }))
 }
 
@@ -302,20 +290,14 @@ mod tests {
     #[test]
     fn the_request_is_the_documented_one_bucket_count() {
         let since = 1_795_551_568_070_645; // 2026-11-24T20:19:28.070645Z
-        let body = count_request(FAMILIES[0].0, FAMILIES[0].1, since, since + 29_999_999);
+        let body = count_request(since, since + 29_999_999);
         assert_eq!(
             serde_json::to_string(&body).unwrap(),
-            r#"{"filter":{"occurred":{"since":"2026-11-24T20:19:28.070645Z","until":"2026-11-24T20:19:58.070644Z"},"event":{"prefix":["prefect.flow-run."],"exclude_name":["prefect.flow-run.heartbeat"]}},"time_unit":"week","time_interval":1}"#
+            r#"{"filter":{"occurred":{"since":"2026-11-24T20:19:28.070645Z","until":"2026-11-24T20:19:58.070644Z"},"event":{"prefix":["prefect.flow-run.","prefect.task-run."],"exclude_name":["prefect.flow-run.heartbeat","prefect.task-run.heartbeat"]}},"time_unit":"week","time_interval":1}"#
         );
         // A window after a 30-day outage is still one bucket.
-        let long = count_request(
-            FAMILIES[1].0,
-            FAMILIES[1].1,
-            since,
-            since + 30 * 86_400_000_000,
-        );
+        let long = count_request(since, since + 30 * 86_400_000_000);
         assert_eq!(long.time_interval, 5);
-        assert_eq!(long.filter.event.prefix, ["prefect.task-run."]);
     }
 
     #[test]
@@ -331,12 +313,10 @@ mod tests {
     }
 
     #[test]
-    fn first_windows_start_at_the_exporter_start() {
+    fn the_first_window_starts_at_the_exporter_start() {
         let start = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let s = State::new(start);
-        for f in &s.families {
-            assert_eq!(f.counted_until + 1, 1_800_000_000_000_000);
-            assert!(f.totals.is_none());
-        }
+        assert_eq!(s.counted_until + 1, 1_800_000_000_000_000);
+        assert!(s.totals.is_none());
     }
 }
