@@ -487,10 +487,10 @@ fn steady_state_requests_do_not_grow_with_history() {
             assert_eq!(small[path], n, "{path}: {small:?}");
         }
     }
-    // One count per counter family (flow runs, task runs).
+    // One count for both counter families (flow runs, task runs).
     assert_eq!(
         small.get("POST /events/count-by/event"),
-        Some(&2),
+        Some(&1),
         "{small:?}"
     );
     // The first pass (new exporter) and the incremental passes (running
@@ -670,8 +670,9 @@ fn assert_late(exp: &Exporter, names: &[&str], late: f64) {
 }
 
 /// The last-run times, seen from a stub.
-/// - Before the start: one `limit: 1` look-up per deployment and tracked state
-///   type (runs ended 10 and 20 days ago are found; one ended 60 days ago, past
+/// - Before the start: the 20 newest ended runs of each deployment, then one
+///   `limit: 1` look-up per tracked state type not among them (runs ended 5,
+///   10 and 20 days ago are found; one ended 60 days ago, past
 ///   EXPORTER_LOOKBACK=30d, is not), each asked once.
 /// - Since the start: passes over the runs that ended from 30 s before the
 ///   first collection on. A pass cut by a failed page goes on from that page at
@@ -700,11 +701,16 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
             })
         })
         .collect();
-    for (id, t, ago) in [
-        ("m1", "COMPLETED", 10.0),
-        ("m2", "FAILED", 20.0),
-        ("m3", "CRASHED", 60.0),
-    ] {
+    // "monthly": 25 runs that ended in COMPLETED 5 days ago fill its first
+    // look-up (20 runs), so its other types are looked up one by one.
+    let monthly_runs = (0..25)
+        .map(|k| (format!("c{k}"), "COMPLETED", 5.0 + k as f64 / 1000.0))
+        .chain([
+            ("m1".to_string(), "COMPLETED", 10.0),
+            ("m2".to_string(), "FAILED", 20.0),
+            ("m3".to_string(), "CRASHED", 60.0),
+        ]);
+    for (id, t, ago) in monthly_runs {
         runs.push(json!({
             "id": id, "deployment_id": "d-monthly", "state_type": t, "state_name": t,
             "end_time": rfc3339::format(base - ago * day),
@@ -754,12 +760,13 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
                 };
                 let dep = one(&body["flow_runs"]["deployment_id"]);
                 let types = body["flow_runs"]["state"]["type"]["any_"].clone();
-                if limit == 1 {
-                    l.lock().unwrap().push((
-                        dep.clone().expect("a look-up names its deployment"),
-                        types[0].as_str().unwrap_or_default().to_string(),
-                        after,
-                    ));
+                if let Some(d) = &dep {
+                    // A look-up: the deployment's newest runs of any type, or
+                    // one run of one type.
+                    let t = types[0].as_str().unwrap_or("*");
+                    l.lock()
+                        .unwrap()
+                        .push((d.clone(), format!("{t}/{limit}"), after));
                 } else {
                     if offset == 200 && !f.swap(true, Ordering::SeqCst) {
                         p.lock().unwrap().push((after, offset, 500));
@@ -771,7 +778,11 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
                     .iter()
                     .filter(|r| rfc3339::parse(r["end_time"].as_str().unwrap()).unwrap() >= after)
                     .filter(|r| dep.as_deref().is_none_or(|d| r["deployment_id"] == d))
-                    .filter(|r| types.as_array().unwrap().contains(&r["state_type"]))
+                    .filter(|r| {
+                        types
+                            .as_array()
+                            .is_none_or(|t| t.contains(&r["state_type"]))
+                    })
                     .skip(offset as usize)
                     .take(limit as usize)
                     .cloned()
@@ -808,7 +819,7 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
         assert_eq!(m.get(&ts(dep, t)), Some(&end(i)), "{dep} {t}");
     }
     let monthly = |ago: f64| rfc3339::parse(&rfc3339::format(base - ago * day)).unwrap();
-    assert_eq!(m.get(&ts("monthly", "COMPLETED")), Some(&monthly(10.0)));
+    assert_eq!(m.get(&ts("monthly", "COMPLETED")), Some(&monthly(5.0)));
     assert_eq!(m.get(&ts("monthly", "FAILED")), Some(&monthly(20.0)));
     assert_eq!(m.get(&ts("monthly", "CRASHED")), None, "past the lookback");
 
@@ -861,13 +872,16 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
         .iter()
         .map(|(d, t, _)| (d.as_str(), t.as_str()))
         .collect();
-    let mut want = Vec::new();
-    for d in ["d-daily", "d-monthly", "d-weekly"] {
-        for t in ["COMPLETED", "CRASHED", "FAILED"] {
-            want.push((d, t));
-        }
-    }
-    assert_eq!(pairs, want, "one look-up per deployment and state type");
+    // The newest 20 runs of each deployment; a type not among them (monthly's
+    // FAILED and CRASHED) gets one `limit: 1` look-up.
+    let want = [
+        ("d-daily", "*/20"),
+        ("d-monthly", "*/20"),
+        ("d-monthly", "CRASHED/1"),
+        ("d-monthly", "FAILED/1"),
+        ("d-weekly", "*/20"),
+    ];
+    assert_eq!(pairs, want, "the look-ups, each once");
     let m = exp.metrics();
     assert_eq!(
         m["prefect_exporter_collect_errors_total"], 1.0,
