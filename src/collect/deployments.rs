@@ -16,15 +16,15 @@
 //!
 //! The last-run times come from two sources:
 //! - What ended before the exporter started: per listed deployment and tracked
-//!   state type, ONE run, the newest that ended within EXPORTER_LOOKBACK before
-//!   the first collection (`limit: 1`, sorted `END_TIME_DESC`: 10-12 ms of
-//!   server CPU each at 20,000 or 100,000 runs, measured). That is 3 requests
-//!   per deployment, once: at most `MAX_PRIME_REQUESTS` per collection, so
-//!   that a start with many deployments spreads over a few collections instead
-//!   of a burst against the server's rate limit; a deployment listed later (a
-//!   new one, or one the cap hid) gets its 3 then. Reading every run that
-//!   ended within the lookback instead cost 5.5 s of server CPU at 20,000 runs
-//!   and 78 s at 100,000.
+//!   state type, the newest run that ended within EXPORTER_LOOKBACK before the
+//!   first collection, from the deployment's `PRIME_RUNS` newest ended runs
+//!   and a `limit: 1` look-up per type not among them (`prime_last_runs`): 1
+//!   to 4 requests per deployment, once, at most `MAX_PRIME_REQUESTS` per
+//!   collection, so that a start with many deployments spreads over a few
+//!   collections instead of a burst against the server's rate limit; a
+//!   deployment listed later (a new one, or one the cap hid) gets its own then.
+//!   Reading every run that ended within the lookback instead cost 5.5 s of
+//!   server CPU at 20,000 runs and 78 s at 100,000.
 //! - What ended since: the incremental passes below.
 //!
 //! The incremental scheme for the last-run times is a series of passes over
