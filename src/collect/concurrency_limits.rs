@@ -8,7 +8,7 @@
 //! Cost per collection: ceil((G+1)/200) requests for G limits, one in practice
 //! (2-5 ms of server CPU).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Instant;
 
 use serde::Deserialize;
@@ -39,10 +39,12 @@ pub fn collect(
     deployments: &[DeploymentSeries],
     deadline: Instant,
 ) -> Result<Vec<ConcurrencyLimitSeries>, ApiError> {
-    let mut limits: Vec<Limit> =
-        all_pages(client, "/v2/concurrency_limits/filter", None, deadline)?;
-    let mut seen = HashSet::new();
-    limits.retain(|x| seen.insert(x.id.clone()));
+    let limits: Vec<Limit> = all_pages(
+        client,
+        "/v2/concurrency_limits/filter",
+        |l: &Limit| &l.id,
+        deadline,
+    )?;
     Ok(series(limits, deployments))
 }
 

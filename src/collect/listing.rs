@@ -129,18 +129,19 @@ struct Paging {
     offset: usize,
 }
 
-/// Every page of a listing, 200 at a time, until a short page or, when the
-/// total is known, until it is reached. Offset paging can repeat an item when
-/// the set changes between pages: callers keyed by id drop repeats.
+/// Every page of a listing, 200 at a time, until a short page. Offset paging
+/// can repeat an item when the set changes between pages: an item whose `key`
+/// was seen already is dropped.
 pub fn all_pages<T: DeserializeOwned>(
     client: &mut Client,
     path: &str,
-    total: Option<u64>,
+    key: impl Fn(&T) -> &str,
     deadline: Instant,
 ) -> Result<Vec<T>, ApiError> {
-    let mut out = Vec::new();
+    let mut out: Vec<T> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut offset = 0;
-    while total.is_none_or(|t| (offset as u64) < t) {
+    loop {
         let page: Vec<T> = client.post(
             path,
             &Paging {
@@ -150,13 +151,12 @@ pub fn all_pages<T: DeserializeOwned>(
             deadline,
         )?;
         let short = page.len() < PAGE;
-        out.extend(page);
+        out.extend(page.into_iter().filter(|x| seen.insert(key(x).to_string())));
         if short {
-            break;
+            return Ok(out);
         }
         offset += PAGE;
     }
-    Ok(out)
 }
 
 #[cfg(test)]

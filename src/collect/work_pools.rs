@@ -8,7 +8,7 @@
 //! the workers of several pools at once). `prefect_work_pools` is the number
 //! listed: the listing is never capped, so a count request would only repeat it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Deserialize;
@@ -38,6 +38,9 @@ struct Pool {
 
 #[derive(Deserialize)]
 struct Worker {
+    /// Unique within the pool: drops a repeat when paging meets a change.
+    #[serde(default)]
+    name: String,
     #[serde(default)]
     status: Option<String>,
     #[serde(default)]
@@ -47,9 +50,7 @@ struct Worker {
 pub fn collect(client: &mut Client, deadline: Instant) -> Result<WorkPoolsPart, ApiError> {
     // Pools are listed by name, which is unique: pages neither overlap nor
     // skip while the set is unchanged; a pool created meanwhile may repeat one.
-    let mut pools: Vec<Pool> = all_pages(client, "/work_pools/filter", None, deadline)?;
-    let mut seen = HashSet::new();
-    pools.retain(|p| seen.insert(p.name.clone()));
+    let pools: Vec<Pool> = all_pages(client, "/work_pools/filter", |p: &Pool| &p.name, deadline)?;
     let count = pools.len() as u64;
     let mut out = Vec::with_capacity(pools.len());
     for pool in pools {
@@ -65,7 +66,7 @@ fn list_workers(
     deadline: Instant,
 ) -> Result<Vec<Worker>, ApiError> {
     let path = format!("/work_pools/{}/workers/filter", encode_segment(pool));
-    all_pages(client, &path, None, deadline)
+    all_pages(client, &path, |w: &Worker| &w.name, deadline)
 }
 
 fn pool_series(pool: Pool, workers: &[Worker], now: f64) -> WorkPoolSeries {

@@ -7,7 +7,7 @@
 //! Cost per collection with Q queues: ceil((Q+1)/200) `POST /work_queues/filter`
 //! pages (2-5 ms of server CPU each).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Instant;
 
 use serde::Deserialize;
@@ -43,9 +43,7 @@ pub fn collect(
     late_by_queue: &HashMap<String, u64>,
     deadline: Instant,
 ) -> Result<WorkQueuesPart, ApiError> {
-    let mut queues: Vec<Queue> = all_pages(client, "/work_queues/filter", None, deadline)?;
-    let mut seen = HashSet::new();
-    queues.retain(|x| seen.insert(x.id.clone()));
+    let queues: Vec<Queue> = all_pages(client, "/work_queues/filter", |q: &Queue| &q.id, deadline)?;
     Ok(WorkQueuesPart {
         queues: queues
             .into_iter()
