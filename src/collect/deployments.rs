@@ -286,10 +286,10 @@ pub fn collect(
 ) -> Result<DeploymentsPart, ApiError> {
     let flows: u64 = client.post("/flows/count", &Empty {}, deadline)?;
     let max = settings.max_deployments;
-    let listed = list_deployments(client, max, deadline)?;
+    let (listed, all) = list_deployments(client, max, deadline)?;
     // A listing that stopped short holds every deployment: only one that
     // reached the cap needs the server's count.
-    let total = if listed.len() < max {
+    let total = if all {
         listed.len() as u64
     } else {
         client.post("/deployments/count", &Empty {}, deadline)?
@@ -339,12 +339,13 @@ pub fn collect(
     })
 }
 
-/// The newest `wanted` deployments, 200 per request, each once.
+/// The newest `wanted` deployments, 200 per request, each once, and whether
+/// the pages stopped short of `wanted` (then they hold every deployment).
 fn list_deployments(
     client: &mut Client,
     wanted: usize,
     deadline: Instant,
-) -> Result<Vec<Deployment>, ApiError> {
+) -> Result<(Vec<Deployment>, bool), ApiError> {
     let mut out: Vec<Deployment> = Vec::new();
     let mut seen = HashSet::new();
     let mut offset = 0;
@@ -364,11 +365,11 @@ fn list_deployments(
         offset += limit;
         out.extend(page.into_iter().filter(|d| seen.insert(d.id.clone())));
         if short {
-            break;
+            return Ok((out, true));
         }
     }
     out.truncate(wanted);
-    Ok(out)
+    Ok((out, false))
 }
 
 /// Looks up the names of flows not seen before, 200 ids per request.
@@ -593,7 +594,7 @@ pub fn directory(
     state: &mut State,
     deadline: Instant,
 ) -> Result<Vec<DeploymentSeries>, ApiError> {
-    let listed = list_deployments(client, max, deadline)?;
+    let (listed, _) = list_deployments(client, max, deadline)?;
     resolve_flow_names(client, &listed, &mut state.flow_names, deadline)?;
     let items = build_items(
         &listed,
