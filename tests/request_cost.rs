@@ -716,6 +716,14 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
             "end_time": rfc3339::format(base - ago * day),
         }));
     }
+    // "yearly": two runs, fewer than a look-up reads, so the answer holds all
+    // its runs in the lookback and its missing CRASHED is not looked up.
+    for (id, t, ago) in [("y1", "COMPLETED", 3.0), ("y2", "FAILED", 4.0)] {
+        runs.push(json!({
+            "id": id, "deployment_id": "d-yearly", "state_type": t, "state_name": t,
+            "end_time": rfc3339::format(base - ago * day),
+        }));
+    }
     let failed_once = Arc::new(AtomicBool::new(false));
     let passes: Arc<Mutex<Vec<(f64, u64, u16)>>> = Arc::default();
     let look_ups: Arc<Mutex<Vec<(String, String, f64)>>> = Arc::default();
@@ -728,7 +736,6 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
     let handler = move |req: &support::Request| -> Response {
         let body = req.json();
         let answer = match req.api_path() {
-            "/deployments/count" => Response::json(200, &json!(3)),
             "/flows/count" => Response::json(200, &json!(1)),
             "/deployments/filter" => Response::json(
                 200,
@@ -738,6 +745,8 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
                     {"id": "d-weekly", "name": "weekly", "flow_id": "f-etl", "paused": true,
                      "status": "NOT_READY", "work_pool_name": "pool"},
                     {"id": "d-monthly", "name": "monthly", "flow_id": "f-etl", "paused": false,
+                     "status": "READY", "work_pool_name": null},
+                    {"id": "d-yearly", "name": "yearly", "flow_id": "f-etl", "paused": false,
                      "status": "READY", "work_pool_name": null},
                 ]),
             ),
@@ -822,6 +831,9 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
     assert_eq!(m.get(&ts("monthly", "COMPLETED")), Some(&monthly(5.0)));
     assert_eq!(m.get(&ts("monthly", "FAILED")), Some(&monthly(20.0)));
     assert_eq!(m.get(&ts("monthly", "CRASHED")), None, "past the lookback");
+    assert_eq!(m.get(&ts("yearly", "COMPLETED")), Some(&monthly(3.0)));
+    assert_eq!(m.get(&ts("yearly", "FAILED")), Some(&monthly(4.0)));
+    assert_eq!(m.get(&ts("yearly", "CRASHED")), None, "none ended");
 
     // Later passes: wait until the overlap has gone by and a pass starts at
     // the newest end time seen.
@@ -872,14 +884,16 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
         .iter()
         .map(|(d, t, _)| (d.as_str(), t.as_str()))
         .collect();
-    // The newest 20 runs of each deployment; a type not among them (monthly's
-    // FAILED and CRASHED) gets one `limit: 1` look-up.
+    // The newest 20 runs of each deployment; a type not among 20 of them
+    // (monthly's FAILED and CRASHED) gets one `limit: 1` look-up, one not
+    // among fewer (yearly's CRASHED) none.
     let want = [
         ("d-daily", "*/20"),
         ("d-monthly", "*/20"),
         ("d-monthly", "CRASHED/1"),
         ("d-monthly", "FAILED/1"),
         ("d-weekly", "*/20"),
+        ("d-yearly", "*/20"),
     ];
     assert_eq!(pairs, want, "the look-ups, each once");
     let m = exp.metrics();
@@ -887,7 +901,7 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
         m["prefect_exporter_collect_errors_total"], 1.0,
         "only the cut collection failed"
     );
-    assert_eq!(m["prefect_deployments"], 3.0);
+    assert_eq!(m["prefect_deployments"], 4.0);
     assert_eq!(
         m.get("prefect_deployment_info{deployment=\"weekly\",flow=\"etl\",paused=\"true\",status=\"NOT_READY\",work_pool=\"pool\"}"),
         Some(&1.0)
