@@ -6,7 +6,8 @@
 //! is sent when the late set changes, not at every collection.
 //!
 //! Issues 13 and 16: with 100 deployments each holding 3 late runs, a steady
-//! collection sends 1 request more than with none late (the newest late run),
+//! collection sends 1 request more than with none late (the count of late runs
+//! expected after the newest one listed),
 //! the listing is sent once, and past the listing cap
 //! (EXPORTER_MAX_LISTED_RUNS) it stops at the cap, and says so.
 mod support;
@@ -92,15 +93,15 @@ impl Drop for CountingProxy {
 }
 
 /// The run listings and counts of different groups share a path: tell the
-/// late-run ones (a state-name filter on Late; the newest one alone is the
-/// fingerprint of the late set) and the runs in progress (PENDING and
-/// RUNNING) apart.
+/// late-run ones (a state-name filter on Late; the count of those expected
+/// after the newest one listed is the fingerprint of the late set) and the
+/// runs in progress (PENDING and RUNNING) apart.
 fn purpose(path: &str, body: &str) -> &'static str {
     if !path.starts_with("/flow_runs/") {
         ""
     } else if body.contains(r#""name":{"any_":["Late"]}"#) && !body.contains("deployment_id") {
-        if body.contains("EXPECTED_START_TIME_DESC") {
-            " (late newest)"
+        if body.contains("expected_start_time") {
+            " (late newer)"
         } else {
             " (late)"
         }
@@ -454,11 +455,11 @@ fn steady_state_requests_do_not_grow_with_history() {
     );
     // Every path costs the same: the late-run listing (one page per 200 late
     // runs) is reused while the late set is unchanged, and a steady
-    // collection asks for the newest late run only.
+    // collection counts the late runs expected after the newest one listed.
     const LATE_PAGES: &str = "POST /flow_runs/filter (late)";
-    const LATE_NEWEST: &str = "POST /flow_runs/filter (late newest)";
+    const LATE_NEWER: &str = "POST /flow_runs/count (late newer)";
     assert_eq!(small.get(LATE_PAGES), None, "{small:?}");
-    assert_eq!(small.get(LATE_NEWEST), Some(&1), "{small:?}");
+    assert_eq!(small.get(LATE_NEWER), Some(&1), "{small:?}");
     for (name, big) in [("new", &big_fresh), ("running", &big_running)] {
         assert_eq!(&small, big, "100 vs 2,000 runs, {name} exporter");
     }
@@ -539,8 +540,8 @@ fn steady_state_requests_do_not_grow_with_history() {
 }
 
 /// An incident: 100 deployments each get 3 late runs. The steady collection
-/// sends 1 request more than with none late (1 count always; then the newest
-/// late run), the listing (2 pages for 300 runs) is sent when the runs became
+/// sends 1 request more than with none late (1 count always; then the count
+/// of those expected after the newest one listed), the listing (2 pages for 300 runs) is sent when the runs became
 /// late and every late-run series is exact; with the cap at 200 runs, one
 /// page only, and the cap series says so.
 #[test]
@@ -599,13 +600,13 @@ fn late_runs_cost_one_page_per_200_and_stop_at_the_cap() {
         total(&incident_capped)
     );
     const LATE_PAGES: &str = "POST /flow_runs/filter (late)";
-    const LATE_NEWEST: &str = "POST /flow_runs/filter (late newest)";
+    const LATE_NEWER: &str = "POST /flow_runs/count (late newer)";
     assert_eq!(
         total(&incident),
         total(&calm) + 1,
         "{incident:?} vs {calm:?}"
     );
-    assert_eq!(incident.get(LATE_NEWEST), Some(&1), "{incident:?}");
+    assert_eq!(incident.get(LATE_NEWER), Some(&1), "{incident:?}");
     assert_eq!(incident.get(LATE_PAGES), None, "{incident:?}");
     assert_eq!(
         incident_capped, incident,

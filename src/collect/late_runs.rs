@@ -2,25 +2,26 @@
 //!
 //! Cost per collection, with L late runs on the server and a cap C
 //! (EXPORTER_MAX_LISTED_RUNS, default 1,000): one `POST /flow_runs/count`
-//! (2-5 ms of server CPU), and only when L > 0 one fingerprint, the newest
-//! late run by expected start time (`POST /flow_runs/filter`, `limit: 1`). The
-//! listing itself, min(ceil(L/200), ceil(C/200)) pages of `POST
+//! (2-5 ms of server CPU), and only when L > 0 and it equals the last
+//! listing's count, one fingerprint: a count of the late runs whose expected
+//! start time is later than that of the newest run listed (4 ms at 100,000
+//! runs, where the newest late run itself, sorted from thousands, costs
+//! 9-13 ms). The listing itself, min(ceil(L/200), ceil(C/200)) pages of `POST
 //! /flow_runs/filter` (80-160 ms of server CPU each for full pages), is sent
 //! only when the late set may have changed: the count or the fingerprint
 //! differs from the last listing's, the last collection's late-run requests
-//! (count, fingerprint or listing) failed, or the listing is older than
-//! `LISTING_MAX_AGE` (10 min, the default of EXPORTER_FLOW_RUNS_MAX_AGE; not
-//! that setting itself, which users set to 0 to read the cheap per-state
-//! counts every collection and which would then bring back the pages). A
-//! server that just holds a thousand old late runs so costs 2 cheap requests
-//! per collection, not 5 full pages. A healthy server costs one count. The
-//! cost never depends on how many deployments or queues are late.
+//! failed, or the listing is older than `listing::LISTING_MAX_AGE` (10 min). A
+//! listing stopped by the cap may leave out the newest run, so it is followed
+//! by the fingerprint count that the next collections compare with. A server
+//! that just holds a thousand old late runs so costs 2 cheap requests per
+//! collection, not 5 full pages. A healthy server costs one count. The cost
+//! never depends on how many deployments or queues are late.
 //!
 //! What the reuse cannot see: between two collections, a late run leaving the
 //! state (started, cancelled, deleted) while another one whose expected start
-//! time is older than the newest late run's enters it leaves the count and the
-//! fingerprint unchanged, so the per-deployment and per-queue split stays the
-//! old one until the listing's maximum age. Runs become late in the order of
+//! time is not later than the newest listed run's enters it leaves the count
+//! and the fingerprint unchanged, so the per-deployment and per-queue split
+//! stays the old one until the listing's maximum age. Runs become late in the order of
 //! their expected start times, so a run entering Late is almost always the
 //! newest one; the total (`prefect_late_flow_runs`) is counted every
 //! collection and always exact.
@@ -34,15 +35,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::listing::{self, RunsFilter, States};
+use super::listing::{self, States};
+use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::LateRunsSummary;
 
 const LATE: States = States::Names(&["Late"]);
-
-/// Longest time a listing is reused while the count and the newest late run
-/// are unchanged: bounds what the reuse cannot see (module doc).
-pub const LISTING_MAX_AGE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LateRuns {
@@ -62,6 +60,8 @@ struct LateRun {
     deployment_id: Option<String>,
     #[serde(default)]
     work_queue_id: Option<String>,
+    #[serde(default)]
+    expected_start_time: Option<String>,
 }
 
 /// What the collector remembers between collections: the last good listing
@@ -73,6 +73,8 @@ pub struct State {
 
 struct Listed {
     key: Key,
+    /// The fingerprint's bound (`after_newest`); None: no reuse.
+    after: Option<String>,
     at: Instant,
     late: LateRuns,
 }
@@ -81,32 +83,67 @@ struct Listed {
 #[derive(Debug, Clone, PartialEq)]
 struct Key {
     total: u64,
-    /// Id of the newest late run by expected start time.
-    newest: Option<String>,
+    /// Late runs expected to start after `after` (the fingerprint).
+    newer: u64,
     /// The cap the listing was taken with.
     max: usize,
 }
 
-/// The fingerprint request: the newest late run only (a run becoming late is
-/// almost always the newest by expected start time).
+/// The fingerprint request: late runs whose expected start time is at or
+/// after `after` (Prefect's `after_` includes the bound).
 #[derive(Serialize)]
-struct NewestBody {
-    #[serde(flatten)]
-    filter: RunsFilter,
-    sort: &'static str,
-    limit: usize,
+struct NewerBody<'a> {
+    flow_runs: NewerFilter<'a>,
 }
 
-fn newest_body() -> NewestBody {
-    NewestBody {
-        filter: listing::filter(LATE),
-        sort: "EXPECTED_START_TIME_DESC",
-        limit: 1,
+#[derive(Serialize)]
+struct NewerFilter<'a> {
+    state: NameFilter,
+    expected_start_time: After<'a>,
+}
+
+#[derive(Serialize)]
+struct NameFilter {
+    name: AnyOf,
+}
+
+#[derive(Serialize)]
+struct AnyOf {
+    any_: [&'static str; 1],
+}
+
+#[derive(Serialize)]
+struct After<'a> {
+    after_: &'a str,
+}
+
+fn newer_body(after: &str) -> NewerBody<'_> {
+    NewerBody {
+        flow_runs: NewerFilter {
+            state: NameFilter {
+                name: AnyOf { any_: ["Late"] },
+            },
+            expected_start_time: After { after_: after },
+        },
     }
 }
 
+fn count_newer(client: &mut Client, after: &str, deadline: Instant) -> Result<u64, ApiError> {
+    client.post("/flow_runs/count", &newer_body(after), deadline)
+}
+
+/// One microsecond (Prefect's precision) after the latest expected start
+/// time among `runs`: the bound of the fingerprint. None without any time.
+fn after_newest(runs: &[LateRun]) -> Option<String> {
+    let newest = runs
+        .iter()
+        .filter_map(|r| r.expected_start_time.as_deref().and_then(rfc3339::parse))
+        .reduce(f64::max)?;
+    Some(rfc3339::format(newest + 1e-6))
+}
+
 /// Whether the last listing still stands for the late set described by
-/// `key`: same count, same newest run, same cap, and younger than `max_age`.
+/// `key`: same count, same fingerprint, same cap, and younger than `max_age`.
 fn reusable(last: Option<(&Key, Instant)>, key: &Key, now: Instant, max_age: Duration) -> bool {
     match last {
         Some((k, at)) => k == key && now.saturating_duration_since(at) < max_age,
@@ -127,25 +164,36 @@ pub fn collect(
     if total == 0 {
         return Ok(LateRuns::default());
     }
-    let newest: Vec<LateRun> = client.post("/flow_runs/filter", &newest_body(), deadline)?;
-    let key = Key {
-        total,
-        newest: newest.into_iter().next().map(|r| r.id),
-        max,
-    };
     let now = Instant::now();
     if let Some(l) = last {
-        if reusable(Some((&l.key, l.at)), &key, now, max_age) {
-            let mut late = l.late.clone();
-            late.summary.listing_age = now.saturating_duration_since(l.at);
-            state.last = Some(l);
-            return Ok(late);
+        // The fingerprint is asked only when the count alone allows a reuse.
+        let same = l.key.total == total && l.key.max == max;
+        if let (true, Some(after)) = (same, &l.after) {
+            let key = Key {
+                total,
+                newer: count_newer(client, after, deadline)?,
+                max,
+            };
+            if reusable(Some((&l.key, l.at)), &key, now, max_age) {
+                let mut late = l.late.clone();
+                late.summary.listing_age = now.saturating_duration_since(l.at);
+                state.last = Some(l);
+                return Ok(late);
+            }
         }
     }
     let (runs, capped) = listing::runs(client, LATE, max, |r: &LateRun| &r.id, deadline)?;
     let late = tally(total, &runs, capped);
+    let after = after_newest(&runs);
+    // Complete, the listing holds the newest run: none is later. Capped, it
+    // may not: the count now is what the next collections compare with.
+    let newer = match (&after, capped) {
+        (Some(a), true) => count_newer(client, a, deadline)?,
+        _ => 0,
+    };
     state.last = Some(Listed {
-        key,
+        key: Key { total, newer, max },
+        after,
         at: now,
         late: late.clone(),
     });
@@ -208,24 +256,20 @@ mod tests {
     }
 
     #[test]
-    fn the_listing_is_reused_only_while_count_newest_run_and_cap_hold() {
-        let key = |total: u64, newest: &str, max: usize| Key {
-            total,
-            newest: Some(newest.to_string()),
-            max,
-        };
+    fn the_listing_is_reused_only_while_count_fingerprint_and_cap_hold() {
+        let key = |total: u64, newer: u64, max: usize| Key { total, newer, max };
         let at = Instant::now();
         let age = Duration::from_secs(600);
-        let last = key(300, "a", 1000);
+        let last = key(300, 0, 1000);
         let reuse = |k: &Key, now: Instant| reusable(Some((&last, at)), k, now, age);
-        assert!(reuse(&key(300, "a", 1000), at + Duration::from_secs(30)));
-        assert!(!reuse(&key(301, "a", 1000), at), "count changed");
-        assert!(!reuse(&key(299, "a", 1000), at), "count changed");
-        assert!(!reuse(&key(300, "b", 1000), at), "newest run changed");
-        assert!(!reuse(&key(300, "a", 200), at), "cap changed");
-        assert!(!reuse(&key(300, "a", 1000), at + age), "too old");
+        assert!(reuse(&key(300, 0, 1000), at + Duration::from_secs(30)));
+        assert!(!reuse(&key(301, 0, 1000), at), "count changed");
+        assert!(!reuse(&key(299, 0, 1000), at), "count changed");
+        assert!(!reuse(&key(300, 1, 1000), at), "a later run is late");
+        assert!(!reuse(&key(300, 0, 200), at), "cap changed");
+        assert!(!reuse(&key(300, 0, 1000), at + age), "too old");
         assert!(
-            !reusable(None, &key(300, "a", 1000), at, age),
+            !reusable(None, &key(300, 0, 1000), at, age),
             "no good listing"
         );
         assert!(
@@ -235,10 +279,26 @@ mod tests {
     }
 
     #[test]
-    fn the_fingerprint_is_the_newest_late_run() {
+    fn the_fingerprint_counts_late_runs_after_the_newest_listed_one() {
+        let run = |id: &str, t: Option<&str>| LateRun {
+            id: id.into(),
+            deployment_id: None,
+            work_queue_id: None,
+            expected_start_time: t.map(Into::into),
+        };
+        let runs = [
+            run("1", Some("2026-12-03T07:10:23.772622Z")),
+            run("2", Some("2026-12-03T09:00:00.000001+01:00")),
+            run("3", None),
+            run("4", Some("2026-12-02T23:59:59Z")),
+        ];
+        // 08:00:00.000001 UTC is the newest; one microsecond later is the bound.
+        let after = after_newest(&runs).unwrap();
+        assert_eq!(after, "2026-12-03T08:00:00.000002Z");
+        assert_eq!(after_newest(&[run("3", None)]), None);
         assert_eq!(
-            serde_json::to_string(&newest_body()).unwrap(),
-            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}},"sort":"EXPECTED_START_TIME_DESC","limit":1}"#
+            serde_json::to_string(&newer_body(&after)).unwrap(),
+            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}},"expected_start_time":{"after_":"2026-12-03T08:00:00.000002Z"}}}"#
         );
     }
 
@@ -249,16 +309,19 @@ mod tests {
                 id: "1".into(),
                 deployment_id: Some("d".into()),
                 work_queue_id: Some("q".into()),
+                expected_start_time: None,
             },
             LateRun {
                 id: "2".into(),
                 deployment_id: Some("d".into()),
                 work_queue_id: None,
+                expected_start_time: None,
             },
             LateRun {
                 id: "3".into(),
                 deployment_id: None,
                 work_queue_id: None,
+                expected_start_time: None,
             },
         ];
         let late = tally(1500, &runs, true);

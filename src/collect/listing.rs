@@ -4,7 +4,7 @@
 //! thousand runs stuck) cannot multiply the requests sent to Prefect.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -16,6 +16,13 @@ pub const PAGE: usize = 200;
 /// Run ids are unique, so pages sorted by id neither overlap nor skip while
 /// the set is unchanged (a sort on times would tie on runs created together).
 const SORT: &str = "ID_DESC";
+
+/// Longest time a listing is reused or updated in place before it is taken
+/// again whole: bounds what the reuse cannot see (late_runs, active_runs).
+/// 10 min, the default of EXPORTER_FLOW_RUNS_MAX_AGE, but not that setting
+/// itself, which users set to 0 to read the cheap per-state counts every
+/// collection and which would then bring back the full pages.
+pub const LISTING_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Which runs: by state names (exact, case-sensitive) or by state types.
 #[derive(Clone, Copy)]
@@ -48,9 +55,9 @@ struct AnyOf {
 }
 
 #[derive(Serialize)]
-pub struct RunsPage {
+pub struct RunsPage<'a, F: Serialize> {
     #[serde(flatten)]
-    filter: RunsFilter,
+    filter: &'a F,
     sort: &'static str,
     limit: usize,
     offset: usize,
@@ -72,9 +79,9 @@ pub fn filter(states: States) -> RunsFilter {
     }
 }
 
-pub fn page_body(states: States, limit: usize, offset: usize) -> RunsPage {
+pub fn page_body<F: Serialize>(filter: &F, limit: usize, offset: usize) -> RunsPage<'_, F> {
     RunsPage {
-        filter: filter(states),
+        filter,
         sort: SORT,
         limit,
         offset,
@@ -107,7 +114,7 @@ pub fn runs<T: DeserializeOwned>(
         let limit = PAGE.min(max - offset);
         let page: Vec<T> = client.post(
             "/flow_runs/filter",
-            &page_body(states, limit, offset),
+            &page_body(&filter(states), limit, offset),
             deadline,
         )?;
         let short = page.len() < limit;
@@ -175,7 +182,8 @@ mod tests {
 
     #[test]
     fn bodies_are_the_documented_filters() {
-        let late = serde_json::to_string(&page_body(States::Names(&["Late"]), 200, 400)).unwrap();
+        let late =
+            serde_json::to_string(&page_body(&filter(States::Names(&["Late"])), 200, 400)).unwrap();
         assert_eq!(
             late,
             r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}},"sort":"ID_DESC","limit":200,"offset":400}"#

@@ -75,7 +75,7 @@ fn shared_late<'a>(
         late_runs::collect(
             client,
             config.max_listed_runs,
-            late_runs::LISTING_MAX_AGE,
+            listing::LISTING_MAX_AGE,
             state,
             deadline,
         )

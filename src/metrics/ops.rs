@@ -68,7 +68,7 @@ impl OpsSeries {
             late_age: float(
                 "prefect_late_flow_runs_listing_age_seconds",
                 "Age of the late-run listing behind the per-deployment and per-queue late counts: \
-                 it is reused while the late count and the newest late run are unchanged, at most \
+                 it is reused while the late count holds and no run later than the newest listed one is late, at most \
                  10 minutes (0 when nothing is late).",
                 &[],
             ),
