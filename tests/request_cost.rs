@@ -95,7 +95,8 @@ impl Drop for CountingProxy {
 /// The run listings and counts of different groups share a path: tell the
 /// late-run ones (a state-name filter on Late; the count of those expected
 /// after the newest one listed is the fingerprint of the late set) and the
-/// runs in progress (PENDING and RUNNING) apart.
+/// runs in progress (PENDING and RUNNING; when updated in place, the new ones
+/// and the known ones that moved to another state name) apart.
 fn purpose(path: &str, body: &str) -> &'static str {
     if !path.starts_with("/flow_runs/") {
         ""
@@ -106,7 +107,13 @@ fn purpose(path: &str, body: &str) -> &'static str {
             " (late)"
         }
     } else if body.contains(r#""type":{"any_":["PENDING","RUNNING"]}"#) {
-        " (active)"
+        if body.contains(r#""id":{"not_any_""#) {
+            " (active new)"
+        } else {
+            " (active)"
+        }
+    } else if body.contains(r#""id":{"any_""#) && body.contains(r#""name":{"not_any_""#) {
+        " (active moved)"
     } else {
         ""
     }
@@ -912,4 +919,174 @@ fn look_ups_before_the_start_then_passes_that_resume_and_ask_only_for_newer_runs
 fn poll_for(limit: Duration, cond: impl Fn() -> bool) {
     let ok = support::poll(limit, Duration::from_millis(50), || cond().then_some(()));
     assert!(ok.is_some(), "condition not met within {limit:?}");
+}
+
+/// What the exporter should show for the runs in progress, from the server:
+/// per (deployment id, state type), the count and the oldest time of entry
+/// (RUNNING: the start, else the state's time; PENDING: the state's time).
+fn active_truth(api: &Api) -> BTreeMap<(String, String), (u64, Option<f64>)> {
+    let mut out = BTreeMap::new();
+    let mut offset = 0;
+    loop {
+        let page = api.ok(
+            "POST",
+            "/flow_runs/filter",
+            Some(&json!({
+                "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
+                "sort": "ID_DESC", "limit": 200, "offset": offset,
+            })),
+        );
+        let runs = page.as_array().expect("a list of runs");
+        for r in runs {
+            let (Some(dep), Some(st)) = (r["deployment_id"].as_str(), r["state_type"].as_str())
+            else {
+                continue;
+            };
+            let state_time = r["state"]["timestamp"].as_str();
+            let t = match st {
+                "RUNNING" => r["start_time"].as_str().or(state_time),
+                _ => state_time,
+            }
+            .and_then(rfc3339::parse);
+            let e: &mut (u64, Option<f64>) =
+                out.entry((dep.to_string(), st.to_string())).or_default();
+            e.0 += 1;
+            if let Some(t) = t {
+                e.1 = Some(e.1.map_or(t, |o: f64| o.min(t)));
+            }
+        }
+        if runs.len() < 200 {
+            return out;
+        }
+        offset += 200;
+    }
+}
+
+/// The exporter's runs-in-progress series, in `active_truth`'s shape.
+fn active_shown(
+    m: &std::collections::HashMap<String, f64>,
+    deployments: &[(&str, &str)],
+) -> BTreeMap<(String, String), (u64, Option<f64>)> {
+    let mut out = BTreeMap::new();
+    for (name, id) in deployments {
+        for st in ["PENDING", "RUNNING"] {
+            let labels = format!("{{deployment=\"{name}\",flow=\"etl\",state_type=\"{st}\"}}");
+            let n = m
+                .get(&format!("prefect_deployment_active_flow_runs{labels}"))
+                .copied()
+                .unwrap_or(-1.0);
+            let oldest = m
+                .get(&format!(
+                    "prefect_deployment_oldest_active_flow_run_timestamp_seconds{labels}"
+                ))
+                .copied();
+            if n != 0.0 {
+                out.insert((id.to_string(), st.to_string()), (n as u64, oldest));
+            }
+        }
+    }
+    out
+}
+
+/// Issue 16: with many runs in progress, a steady collection does not list
+/// them whole (0.3 ms of server CPU per run) but updates the last listing: one
+/// count, the new runs, and per state name the known runs that left it. After
+/// runs end, start, change state name and appear, every series is exact
+/// without a whole listing; a deleted run brings one, and the collections
+/// after it are updates again.
+#[test]
+fn many_runs_in_progress_are_updated_in_place_and_stay_exact() {
+    support::require_prefect!();
+    let server = PrefectServer::start(ServerOptions::default());
+    let api = server.api();
+    let flow = api.create_flow("etl");
+    let busy = api.create_deployment(&flow, "busy", None);
+    let queued = api.create_deployment(&flow, "queued", None);
+    let deployments = [("busy", busy.as_str()), ("queued", queued.as_str())];
+    let running = api.create_flow_runs_bulk(&busy, &[("RUNNING", "Running"); 60]);
+    let pending = api.create_flow_runs_bulk(&queued, &[("PENDING", "Pending"); 20]);
+    let proxy = CountingProxy::start(server.port());
+    let exp = spawn_with(
+        &proxy,
+        &[
+            ("EXPORTER_COLLECTORS", "active_flow_runs"),
+            ("EXPORTER_INTERVAL", "1"),
+        ],
+    );
+    let exact = |exp: &Exporter| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, _, _) = counts_after_collection(exp, &proxy);
+            let truth = active_truth(&api);
+            let shown = active_shown(&exp.metrics(), &deployments);
+            if shown == truth {
+                return truth;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shown {shown:?}\ntruth {truth:?}\n{}",
+                exp.stderr()
+            );
+        }
+    };
+    // One collection that lists, then updates: a count, the new runs (none),
+    // and the known runs that left "Pending" and "Running" (none).
+    let update = Counts::from([
+        ("POST /flow_runs/count (active)".to_string(), 1),
+        ("POST /flow_runs/filter (active moved)".to_string(), 2),
+        ("POST /flow_runs/filter (active new)".to_string(), 1),
+    ]);
+    let steady = |exp: &Exporter| {
+        let (_, errors, before) = counts_after_collection(exp, &proxy);
+        let (_, errors_after, after) = counts_after_collection(exp, &proxy);
+        assert_eq!(errors, errors_after, "{}", exp.stderr());
+        diff(&after, &before)
+            .into_iter()
+            .filter(|(k, _)| k.contains("(active"))
+            .collect::<Counts>()
+    };
+    let truth = exact(&exp);
+    assert_eq!(truth[&(busy.clone(), "RUNNING".to_string())].0, 60);
+    assert_eq!(truth[&(queued.clone(), "PENDING".to_string())].0, 20);
+    assert_eq!(steady(&exp), update);
+    let m = exp.metrics();
+    assert_eq!(m["prefect_active_flow_runs_listed"], 80.0);
+    assert_eq!(m["prefect_active_flow_runs_capped"], 0.0);
+
+    // Right after a collection (the next one is an interval away): runs end,
+    // start, change state name and appear, the total staying 80. The update
+    // sees all of it: exact series without listing the runs whole again.
+    let whole = || {
+        proxy
+            .counts()
+            .get("POST /flow_runs/filter (active)")
+            .copied()
+            .unwrap_or(0)
+    };
+    let listed = whole();
+    counts_after_collection(&exp, &proxy);
+    for id in &running[..3] {
+        api.set_flow_run_state(id, "COMPLETED", "Completed", true);
+    }
+    api.create_flow_runs_bulk(&queued, &[("RUNNING", "Running"); 3]);
+    for id in &pending[..5] {
+        api.set_flow_run_state(id, "RUNNING", "Running", true);
+    }
+    let r = api.set_flow_run_state(&pending[5], "PENDING", "Submitting", true);
+    assert_eq!(r["status"], "ACCEPT", "{r}");
+    let truth = exact(&exp);
+    assert_eq!(truth[&(busy.clone(), "RUNNING".to_string())].0, 57);
+    assert_eq!(truth[&(queued.clone(), "PENDING".to_string())].0, 15);
+    assert_eq!(truth[&(queued.clone(), "RUNNING".to_string())].0, 8);
+    assert_eq!(whole(), listed, "listed whole again");
+    // A deleted run is seen by the count: the runs are listed whole again.
+    api.delete_flow_run(&running[10]);
+    let truth = exact(&exp);
+    assert_eq!(truth[&(busy.clone(), "RUNNING".to_string())].0, 56);
+    assert_eq!(whole(), listed + 1);
+    // Updates again, with a third state name among the known runs.
+    let mut update = update;
+    update.insert("POST /flow_runs/filter (active moved)".to_string(), 3);
+    assert_eq!(steady(&exp), update);
+    assert_eq!(exp.metrics()["prefect_active_flow_runs_listed"], 79.0);
 }

@@ -103,6 +103,17 @@ pub fn runs<T: DeserializeOwned>(
     id: impl Fn(&T) -> &str,
     deadline: Instant,
 ) -> Result<(Vec<T>, bool), ApiError> {
+    runs_where(client, &filter(states), max, id, deadline)
+}
+
+/// [`runs`] for any flow-run filter body (`{"flow_runs": {...}}`).
+pub fn runs_where<T: DeserializeOwned, F: Serialize>(
+    client: &mut Client,
+    filter: &F,
+    max: usize,
+    id: impl Fn(&T) -> &str,
+    deadline: Instant,
+) -> Result<(Vec<T>, bool), ApiError> {
     let mut out: Vec<T> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut offset = 0;
@@ -114,7 +125,7 @@ pub fn runs<T: DeserializeOwned>(
         let limit = PAGE.min(max - offset);
         let page: Vec<T> = client.post(
             "/flow_runs/filter",
-            &page_body(&filter(states), limit, offset),
+            &page_body(filter, limit, offset),
             deadline,
         )?;
         let short = page.len() < limit;

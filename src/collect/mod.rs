@@ -39,6 +39,7 @@ pub struct State {
     late_cap_warned: bool,
     active_cap_warned: bool,
     late_runs: late_runs::State,
+    active_runs: active_runs::State,
     events: events::State,
     flow_runs: flow_runs::State,
 }
@@ -218,8 +219,13 @@ pub fn collect_all(
     };
     let active_flow_runs = if on.active_flow_runs {
         run_group("active_flow_runs", &mut groups, || {
+            // Taken out for the call: the directory borrows the rest of the state.
+            let mut runs = std::mem::take(&mut state.active_runs);
             let dir = shared_directory(&mut directory, client, config, state, deadline)?;
-            active_runs::collect(client, dir, config.max_listed_runs, deadline)
+            let part =
+                active_runs::collect(client, dir, config.max_listed_runs, &mut runs, deadline);
+            state.active_runs = runs;
+            part
         })
     } else {
         None
