@@ -134,7 +134,7 @@ impl Breakdowns {
             flow_runs_age: float_vec(
                 "prefect_flow_runs_age_seconds",
                 "Seconds between the reading of prefect_flow_runs from Prefect and the last \
-                 collection (the breakdown is read again after 1000 times its read time, \
+                 collection (the breakdown is read again after 3000 times its read time, \
                  at most EXPORTER_FLOW_RUNS_MAX_AGE).",
                 &[],
             ),

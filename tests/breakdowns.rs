@@ -354,10 +354,11 @@ fn breakdowns_follow_changes_between_collections() {
     assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
 }
 
-/// By default the per-state counts are reused for 1000 times the time their
+/// By default the per-state counts are reused for 3000 times the time their
 /// reading took (at most EXPORTER_FLOW_RUNS_MAX_AGE), and their age says so:
-/// a reading of the small shared server takes a few ms, so the next
-/// collections 2 and 4 s later show the same counts, older. Runs changed
+/// a reading of the small shared server takes a few ms (8 s of reuse from
+/// 2.7 ms on), so the next collections 2 and 4 s later show the same counts,
+/// older. Runs changed
 /// meanwhile appear once the counts are read again (here within
 /// EXPORTER_FLOW_RUNS_MAX_AGE=8s).
 #[test]

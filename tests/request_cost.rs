@@ -1090,3 +1090,122 @@ fn many_runs_in_progress_are_updated_in_place_and_stay_exact() {
     assert_eq!(steady(&exp), update);
     assert_eq!(exp.metrics()["prefect_active_flow_runs_listed"], 79.0);
 }
+
+/// The `prefect_flow_runs` series as (type, name) -> count.
+fn per_state(m: &std::collections::HashMap<String, f64>) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    for (k, v) in m {
+        let Some(labels) = k.strip_prefix("prefect_flow_runs{") else {
+            continue;
+        };
+        let label = |name: &str| {
+            let start = labels.find(&format!("{name}=\"")).expect(name) + name.len() + 2;
+            labels[start..]
+                .split('"')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        out.insert((label("state_type"), label("state_name")), *v as u64);
+    }
+    out
+}
+
+/// Waits for a collection to end, makes `change` (the next collection is an
+/// interval away), and returns the requests of the next collection per path.
+fn after_change(exp: &Exporter, proxy: &CountingProxy, change: impl FnOnce()) -> Counts {
+    let (_, errors, before) = counts_after_collection(exp, proxy);
+    change();
+    let (_, errors_after, after) = counts_after_collection(exp, proxy);
+    assert_eq!(errors, errors_after, "{}", exp.stderr());
+    diff(&after, &before)
+}
+
+fn count_requests(c: &Counts) -> u64 {
+    c.iter()
+        .filter(|(k, _)| k.starts_with("POST /flow_runs/count"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Issue 16: the per-state breakdown by one count per state name
+/// (EXPORTER_FLOW_RUNS_READ=names; `auto` picks it when it takes less time
+/// than the history, on large histories) is exact, custom names included: a
+/// run in a name not counted yet is seen by the count of the other names, and
+/// the history read in the same collection names it; a custom name emptied is
+/// no longer counted.
+#[test]
+fn per_state_counts_by_name_are_exact_and_find_new_custom_names() {
+    support::require_prefect!();
+    let server = PrefectServer::start(ServerOptions::default());
+    let api = server.api();
+    let flow = api.create_flow("etl");
+    let daily = api.create_deployment(&flow, "daily", None);
+    let custom = api.create_flow_runs_bulk(
+        &daily,
+        &[
+            ("COMPLETED", "Completed"),
+            ("COMPLETED", "Completed"),
+            ("FAILED", "Failed"),
+            ("SCHEDULED", "Late"),
+            ("FAILED", "MyCustomFail"),
+            ("FAILED", "MyCustomFail"),
+        ],
+    )[4..]
+        .to_vec();
+    let proxy = CountingProxy::start(server.port());
+    let exp = spawn_with(
+        &proxy,
+        &[
+            ("EXPORTER_COLLECTORS", "flow_runs"),
+            ("EXPORTER_FLOW_RUNS_READ", "names"),
+        ],
+    );
+    // Every series is the server's count of its name, and they add up.
+    let exact = |m: &std::collections::HashMap<String, f64>| {
+        let shown = per_state(m);
+        for ((_, name), n) in &shown {
+            assert_eq!(*n, api.count_by_names(&[name]), "{name}: {shown:?}");
+        }
+        let sum: u64 = shown.values().sum();
+        assert_eq!(sum, api.count_flow_runs(&json!({})), "{shown:?}");
+        shown
+    };
+    let state = |t: &str, n: &str| (t.to_string(), n.to_string());
+    // 4 seed counts, 19 Prefect state names, the custom ones, the others.
+    let names_read = |custom: u64| 4 + 19 + custom + 1;
+    let steady = after_change(&exp, &proxy, || {});
+    let shown = exact(&exp.metrics());
+    assert_eq!(shown[&state("FAILED", "MyCustomFail")], 2);
+    assert_eq!(shown.len(), 20);
+    assert_eq!(steady.get("POST /flow_runs/history"), None, "{steady:?}");
+    assert_eq!(count_requests(&steady), names_read(1), "{steady:?}");
+
+    // A run in a new custom name: the count of the others sees it, the
+    // history names it (one collection), then it is counted by name.
+    let found = after_change(&exp, &proxy, || {
+        api.create_flow_run(&flow, Some(&daily), "SCHEDULED", "Quarantined");
+    });
+    assert_eq!(found.get("POST /flow_runs/history"), Some(&1), "{found:?}");
+    assert_eq!(count_requests(&found), names_read(1), "{found:?}");
+    let shown = exact(&exp.metrics());
+    assert_eq!(shown[&state("SCHEDULED", "Quarantined")], 1);
+    let steady = after_change(&exp, &proxy, || {});
+    assert_eq!(steady.get("POST /flow_runs/history"), None, "{steady:?}");
+    assert_eq!(count_requests(&steady), names_read(2), "{steady:?}");
+
+    // The custom name empties: shown no more, counted no more.
+    after_change(&exp, &proxy, || {
+        for id in &custom {
+            api.set_flow_run_state(id, "COMPLETED", "Completed", true);
+        }
+    });
+    let shown = exact(&exp.metrics());
+    assert!(
+        !shown.contains_key(&state("FAILED", "MyCustomFail")),
+        "{shown:?}"
+    );
+    assert_eq!(shown[&state("COMPLETED", "Completed")], 4);
+    let steady = after_change(&exp, &proxy, || {});
+    assert_eq!(count_requests(&steady), names_read(1), "{steady:?}");
+}

@@ -141,7 +141,12 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "EXPORTER_FLOW_RUNS_MAX_AGE",
         "10m",
-        "longest reuse of prefect_flow_runs (read again after 1000 times its read time; 0: every collection)",
+        "longest reuse of prefect_flow_runs (read again after 3000 times its read time; 0: every collection)",
+    ),
+    (
+        "EXPORTER_FLOW_RUNS_READ",
+        "auto",
+        "how prefect_flow_runs is read: auto (whichever took less time), history (one request, its cost grows with the run history) or names (one count per state name)",
     ),
     (
         "EXPORTER_MAX_DEPLOYMENTS",
@@ -164,6 +169,38 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "upper bounds in seconds (or with s, m, h or d) of the run duration and start delay histogram buckets",
     ),
 ];
+
+/// How the per-state breakdown is read: by the method that took less time
+/// (the default), or always by one of them (collect::flow_runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowRunsRead {
+    Auto,
+    History,
+    Names,
+}
+
+impl FlowRunsRead {
+    fn parse(v: &str) -> Result<FlowRunsRead, ConfigError> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(FlowRunsRead::Auto),
+            "history" => Ok(FlowRunsRead::History),
+            "names" => Ok(FlowRunsRead::Names),
+            _ => Err(invalid(
+                "EXPORTER_FLOW_RUNS_READ",
+                v.to_string(),
+                "expected auto, history or names",
+            )),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            FlowRunsRead::Auto => "auto",
+            FlowRunsRead::History => "history",
+            FlowRunsRead::Names => "names",
+        }
+    }
+}
 
 /// How the exporter proves who it is to Prefect.
 #[derive(Clone, PartialEq, Eq)]
@@ -209,6 +246,8 @@ pub struct Config {
     pub duration_buckets: Vec<f64>,
     /// Longest time the per-state breakdown is reused (collect::flow_runs).
     pub flow_runs_max_age: Duration,
+    /// How the per-state breakdown is read (collect::flow_runs).
+    pub flow_runs_read: FlowRunsRead,
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -429,6 +468,11 @@ impl Config {
             None => Duration::from_secs(DEFAULT_FLOW_RUNS_MAX_AGE_SECS),
         };
 
+        let flow_runs_read = match get("EXPORTER_FLOW_RUNS_READ") {
+            Some(v) => FlowRunsRead::parse(&v)?,
+            None => FlowRunsRead::Auto,
+        };
+
         Ok(Config {
             api_url,
             auth,
@@ -453,6 +497,7 @@ impl Config {
             events_settle,
             duration_buckets,
             flow_runs_max_age,
+            flow_runs_read,
             warnings,
         })
     }
@@ -481,7 +526,7 @@ impl fmt::Display for Config {
              ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
              interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
              max_deployments={} max_listed_runs={} events_settle={}s duration_buckets=[{}] \
-             flow_runs_max_age={}s",
+             flow_runs_max_age={}s flow_runs_read={}",
             self.api_url,
             auth,
             self.request_timeout.as_secs_f64(),
@@ -514,6 +559,7 @@ impl fmt::Display for Config {
                 .collect::<Vec<_>>()
                 .join(","),
             self.flow_runs_max_age.as_secs(),
+            self.flow_runs_read.as_str(),
         )
     }
 }
@@ -694,6 +740,31 @@ mod tests {
             assert_eq!(
                 err_var(&[("EXPORTER_MAX_LISTED_RUNS", v)]),
                 "EXPORTER_MAX_LISTED_RUNS"
+            );
+        }
+    }
+
+    #[test]
+    fn flow_runs_read_is_auto_history_or_names() {
+        assert_eq!(parse(&[]).unwrap().flow_runs_read, FlowRunsRead::Auto);
+        for (v, want) in [
+            ("auto", FlowRunsRead::Auto),
+            ("history", FlowRunsRead::History),
+            (" Names ", FlowRunsRead::Names),
+        ] {
+            assert_eq!(
+                parse(&[("EXPORTER_FLOW_RUNS_READ", v)])
+                    .unwrap()
+                    .flow_runs_read,
+                want,
+                "{v}"
+            );
+        }
+        for v in ["both", "count", "history,names"] {
+            assert_eq!(
+                err_var(&[("EXPORTER_FLOW_RUNS_READ", v)]),
+                "EXPORTER_FLOW_RUNS_READ",
+                "{v:?}"
             );
         }
     }
