@@ -94,6 +94,12 @@ def env_int(name, default):
     return int(os.environ.get(name, default))
 
 
+# The exporter's breakdown reuse factor (collect::flow_runs::COST_FACTOR),
+# read from the source so that the derived cost follows it.
+COST_FACTOR = int(re.search(
+    r"pub const COST_FACTOR: u32 = (\d+);",
+    (Path(__file__).resolve().parent.parent / "src/collect/flow_runs.rs").read_text()).group(1))
+
 CFG = {
     "runs": env_int("BENCH_RUNS", 20000),
     "small_runs": env_int("BENCH_SMALL_RUNS", 1000),
@@ -387,7 +393,7 @@ def parse_metrics(text):
 
 
 class Exporter:
-    def __init__(self, procs, name, api_url, interval=None, binary=None):
+    def __init__(self, procs, name, api_url, interval=None, binary=None, extra_env=None):
         self.log = RUN / f"exporter-{name}.log"
         home = RUN / f"exporter-{name}-home"  # no user profiles.toml
         home.mkdir(parents=True, exist_ok=True)
@@ -411,6 +417,7 @@ class Exporter:
             EXPORTER_LOOKBACK=CFG["lookback"],
             LOG_LEVEL="INFO",
         )
+        env.update(extra_env or {})
         self.procs = procs
         self.proc = procs.start(
             f"exporter-{name}", [str(binary or BINARY)], env=env,
@@ -654,7 +661,8 @@ def server_cost(procs, name, db, interval, collections):
             last_c = c
         time.sleep(0.1)
     exp.stop()
-    # One breakdown read on its own: server CPU and wall time per call.
+    read = breakdown_read_cost(procs, name, server, idle, interval)
+    # One history read on its own: server CPU and wall time per call.
     hist = []
     for _ in range(5):
         c1, t1 = proc_cpu(pid), time.monotonic()
@@ -671,20 +679,25 @@ def server_cost(procs, name, db, interval, collections):
     # steady count plus one (a breakdown read). Fewer is steady too: the event
     # counters send nothing during EXPORTER_EVENTS_SETTLE after the start, which
     # at a 2 s interval would otherwise count 15 cheap collections as start-up.
+    # A breakdown read by counts per state name adds about 21 requests to its
+    # collection: such a collection is steady too.
+    def read_now(e):
+        return e["age"] is not None and e["age"] < interval
+
     s = len(per) - 1
-    while s > 1 and reqs[s - 1] <= steady_req + 1:
+    while s > 1 and (reqs[s - 1] <= steady_req + 1 or read_now(per[s - 1])):
         s -= 1
     s = max(s, 1)
     start = per[s - 1]
     end = per[-1]
     n = len(per) - s
     steady_cpu = end["server_cpu"] - start["server_cpu"] - idle * (end["t"] - start["t"])
-    reads = sum(1 for e in per[s:] if e["age"] is not None and e["age"] < interval)
+    reads = sum(1 for e in per[s:] if read_now(e))
     hist_cpu = statistics.median(h[0] for h in hist)
     hist_wall = statistics.median(h[1] for h in hist)
-    reuse = min(1000 * hist_wall, 600)
-    non_read = [e for e in per[s:] if not (e["age"] is not None and e["age"] < interval)]
-    steady_ex_read = (steady_cpu - reads * hist_cpu) / n
+    reuse = min(COST_FACTOR * read["wall"], 600)
+    non_read = [e for e in per[s:] if not read_now(e)]
+    steady_ex_read = (steady_cpu - reads * read["cpu"]) / n
     res = {
         "name": name,
         "runs": server.want["total"],
@@ -707,9 +720,10 @@ def server_cost(procs, name, db, interval, collections):
         "non_read_collections": len(non_read),
         "history_cpu": hist_cpu,
         "history_wall": hist_wall,
+        "read": read,
         "reuse_seconds": reuse,
         # At most one read per collection: every ceil(reuse / 30 s)-th one.
-        "per_collection_at_30s": steady_ex_read + hist_cpu / math.ceil(reuse / 30),
+        "per_collection_at_30s": steady_ex_read + read["cpu"] / math.ceil(reuse / 30),
         "exporter_cpu_per_collection": (end["exporter_cpu"] - start["exporter_cpu"]) / n,
         "duration_median": statistics.median(e["duration"] for e in per[s:]),
         "duration_max": max(e["duration"] for e in per[s:]),
@@ -719,7 +733,65 @@ def server_cost(procs, name, db, interval, collections):
     log(f"{name}: start-up {s} collections, {res['startup_requests']:.0f} requests, "
         f"server {res['startup_server_cpu'] * 1000:.0f} ms; steady {steady_req} requests, "
         f"server {res['steady_server_cpu_per_collection'] * 1000:.1f} ms per collection "
-        f"({reads} breakdown reads), history {hist_cpu * 1000:.0f} ms")
+        f"({reads} breakdown reads), breakdown read by {read['method']} "
+        f"{read['cpu'] * 1000:.0f} ms, history {hist_cpu * 1000:.0f} ms")
+    return res
+
+
+def phase_cpu(procs, name, server, idle, interval, extra_env, collections=8):
+    """Server CPU (minus idle) and the exporter's requests per collection, and
+    the median wall time of each group, for `collections` collections after
+    the first two, of an exporter with `extra_env`."""
+    pid = server.proc.pid
+    exp = Exporter(procs, name, server.base + "/api", interval, extra_env=extra_env)
+    rows = []
+    last_c = 0
+    deadline = time.monotonic() + (collections + 2) * interval * 3 + 60
+    while len(rows) < collections + 3:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: {collections} collections not within the time")
+        m = exp.metrics()
+        c = int(m.get("prefect_exporter_collections_total", 0))
+        if c > last_c:
+            rows.append((c, time.monotonic(), proc_cpu(pid),
+                         sum(v for k, v in m.items()
+                             if k.startswith("prefect_exporter_api_requests_total")),
+                         collector_labels(m)))
+            last_c = c
+        time.sleep(0.05)
+    exp.stop()
+    a, b = rows[2], rows[-1]
+    n = b[0] - a[0]
+    walls = {}
+    for r in rows[3:]:
+        for k, v in r[4].items():
+            walls.setdefault(k, []).append(v)
+    return {
+        "cpu": (b[2] - a[2] - idle * (b[1] - a[1])) / n,
+        "requests": (b[3] - a[3]) / n,
+        "walls": {k: statistics.median(v) for k, v in walls.items()},
+    }
+
+
+def breakdown_read_cost(procs, name, server, idle, interval):
+    """What one per-state breakdown read costs the server as the exporter
+    makes it (EXPORTER_FLOW_RUNS_READ=auto picks the history or the counts by
+    name): an exporter reading it every collection (the flow_runs group alone,
+    EXPORTER_FLOW_RUNS_MAX_AGE=0) minus one without the group (the seed counts
+    alone), per collection."""
+    reading = phase_cpu(procs, f"read-{name}", server, idle, interval, {
+        "EXPORTER_COLLECTORS": "flow_runs", "EXPORTER_FLOW_RUNS_MAX_AGE": "0"})
+    seed = phase_cpu(procs, f"seed-{name}", server, idle, interval, {
+        "EXPORTER_COLLECTORS": "seed"})
+    requests = reading["requests"] - seed["requests"]
+    res = {
+        "cpu": reading["cpu"] - seed["cpu"],
+        "wall": reading["walls"].get("flow_runs", 0.0),
+        "requests": requests,
+        "method": "history" if requests < 1.5 else "names",
+    }
+    log(f"{name}: one breakdown read by {res['method']}: {requests:.1f} requests, server "
+        f"{res['cpu'] * 1000:.1f} ms, wall {res['wall'] * 1000:.1f} ms")
     return res
 
 
@@ -1239,8 +1311,10 @@ def cost_report(cost, meta):
             f"{ms(c['steady_server_cpu_per_collection'])} ({c['steady_breakdown_reads']} reads "
             f"in {c['steady_collections']})",
             ms(c["steady_server_cpu_without_read"]),
-            f"{ms(c['history_cpu'])} (wall {ms(c['history_wall'])}; reused "
+            f"by {c['read']['method']}, {c['read']['requests']:.0f} requests: "
+            f"{ms(c['read']['cpu'])} (wall {ms(c['read']['wall'])}; reused "
             f"{c['reuse_seconds']:.0f} s)",
+            f"{ms(c['history_cpu'])} (wall {ms(c['history_wall'])})",
             ms(c["per_collection_at_30s"]),
             ms(c["exporter_cpu_per_collection"]),
             f"{c['startup_collections']} collections, {c['startup_requests']:.0f} requests, "
@@ -1255,11 +1329,12 @@ def cost_report(cost, meta):
         "",
         "| Database | requests per steady collection (seen) | collection wall time median / max "
         "| server CPU per steady collection (breakdown reads in the window) | same without a "
-        "breakdown read | one breakdown read (`POST /flow_runs/history`) server CPU | "
+        "breakdown read | one breakdown read as the exporter makes it: server CPU | "
+        "one `POST /flow_runs/history` on its own: server CPU | "
         "server CPU per collection at the default 30 s interval (derived) | exporter CPU per "
         "collection | start-up until steady | server CPU from start until steady | "
         "first collection wall time; complete? | failed collections |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "- Server CPU: utime+stime of the Prefect server process (/proc/<pid>/stat, 10 ms "
@@ -1272,14 +1347,20 @@ def cost_report(cost, meta):
         "included in its CPU). Requests per collection: the exporter's own "
         "`prefect_exporter_api_requests_total`.",
         "- Steady: from the first collection after which no collection asks more than the "
-        "steady number of requests plus one (a breakdown read); fewer counts as steady (the "
+        "steady number of requests plus one, except those that read the breakdown (by counts "
+        "per state name, about 21 requests); fewer counts as steady (the "
         "event counters send nothing during the first EXPORTER_EVENTS_SETTLE). Start-up: the "
         "collections before it, from the exporter's start.",
-        "- The per-state breakdown is read again once its age reaches 1000 times its last "
-        "read's wall time (at most 10 min): at a 2 s interval few steady windows hold a read, "
-        "so its cost is measured on its own (median of 5 calls) and the per-collection cost "
-        "at the default 30 s interval is derived: without-read CPU + read CPU / "
-        "ceil(reuse time / 30 s) (one collection in so many reads).",
+        f"- The per-state breakdown is read again once its age reaches {COST_FACTOR} times "
+        "its last read's wall time (at most 10 min), by the history or by one count per state "
+        "name, whichever took less time: at a 2 s interval few steady windows hold a read, so "
+        "its cost is measured apart, as the exporter makes it: an exporter reading it every "
+        "collection (the flow_runs group alone, EXPORTER_FLOW_RUNS_MAX_AGE=0) minus one "
+        "without the group (the seed counts alone), 8 collections each after 2; its wall time "
+        "is the exporter's `prefect_exporter_collector_duration_seconds{collector=\"flow_runs\"}`. "
+        "The per-collection cost at the default 30 s interval is derived: without-read CPU + "
+        "read CPU / ceil(reuse time / 30 s) (one collection in so many reads). The history "
+        "read on its own: median of 5 calls.",
         f"- Databases: {meta['method']}. The copies are never runs in progress (a copy of "
         "one is a copy of a COMPLETED run instead), so every size holds the base's runs in "
         "PENDING or RUNNING (143): what the workers run at once, not the history. No "
