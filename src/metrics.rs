@@ -866,13 +866,7 @@ mod tests {
         s
     }
 
-    fn count(t: &str, n: &str, c: u64) -> StateCount {
-        StateCount {
-            state_type: t.into(),
-            state_name: n.into(),
-            count: c,
-        }
-    }
+    use crate::snapshot::test_fixtures::count;
 
     #[test]
     fn breakdowns_are_absent_until_their_group_succeeds() {

@@ -154,3 +154,16 @@ impl Snapshot {
             .find_map(|g| g.error.as_ref().map(|e| format!("{}: {e}", g.name)))
     }
 }
+
+#[cfg(test)]
+pub mod test_fixtures {
+    use super::StateCount;
+
+    pub fn count(state_type: &str, state_name: &str, count: u64) -> StateCount {
+        StateCount {
+            state_type: state_type.into(),
+            state_name: state_name.into(),
+            count,
+        }
+    }
+}

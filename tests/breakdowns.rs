@@ -358,9 +358,8 @@ fn breakdowns_follow_changes_between_collections() {
 /// reading took (at most EXPORTER_FLOW_RUNS_MAX_AGE), and their age says so:
 /// a reading of the small shared server takes a few ms (8 s of reuse from
 /// 2.7 ms on), so the next collections 2 and 4 s later show the same counts,
-/// older. Runs changed
-/// meanwhile appear once the counts are read again (here within
-/// EXPORTER_FLOW_RUNS_MAX_AGE=8s).
+/// older. Runs changed meanwhile appear once the counts are read again (here
+/// within EXPORTER_FLOW_RUNS_MAX_AGE=8s).
 #[test]
 fn per_state_counts_are_reused_with_their_age() {
     support::require_prefect!();

@@ -306,16 +306,7 @@ fn by_names(
         &name_count(NameList::NotAny(names)),
         deadline,
     )?;
-    Ok((others == 0).then(|| {
-        counts
-            .into_iter()
-            .map(|((state_type, state_name), count)| StateCount {
-                state_type,
-                state_name,
-                count,
-            })
-            .collect()
-    }))
+    Ok((others == 0).then(|| listed(counts)))
 }
 
 fn history_request(now: f64) -> HistoryRequest {
@@ -339,6 +330,11 @@ fn state_counts(buckets: &[Bucket]) -> Vec<StateCount> {
             .entry((s.state_type.clone(), s.state_name.clone()))
             .or_insert(0) += s.count_runs;
     }
+    listed(counts)
+}
+
+/// Counts by (state type, state name), in that order.
+fn listed(counts: BTreeMap<(String, String), u64>) -> Vec<StateCount> {
     counts
         .into_iter()
         .map(|((state_type, state_name), count)| StateCount {
@@ -440,13 +436,7 @@ mod tests {
         assert!(state.due(Duration::ZERO));
     }
 
-    fn count(t: &str, n: &str, c: u64) -> StateCount {
-        StateCount {
-            state_type: t.into(),
-            state_name: n.into(),
-            count: c,
-        }
-    }
+    use crate::snapshot::test_fixtures::count;
 
     #[test]
     fn the_cheaper_method_is_used_once_both_are_known() {
