@@ -386,9 +386,16 @@ fn real_server_faults_and_recoveries() {
         warns == recoveries.len() || warns == recoveries.len() + 1,
         "every outage but a last one still going ends with an INFO line:\n{log}"
     );
+    // How many collections an outage lasts depends on how fast the server
+    // restarts (3-6 s at a 1 s interval) or thaws (often one collection): the
+    // repeats are exercised once an outage lasts 3 collections.
     let failed: u64 = recoveries.iter().sum();
     assert!(
-        failed > warns as u64 + 10,
+        recoveries.iter().any(|n| *n >= 3),
+        "no outage lasted 3 collections: {recoveries:?}\n{log}"
+    );
+    assert!(
+        failed >= 2 * warns as u64,
         "{failed} failed collections should have logged far fewer WARN lines than that:\n{log}"
     );
     assert!(
