@@ -92,22 +92,18 @@ fn shared_directory<'a>(
     slot: &mut Option<Result<(), ApiError>>,
     client: &mut Client,
     config: &Config,
-    state: &'a mut State,
+    deployments: &mut deployments::State,
+    directory: &'a mut Vec<DeploymentSeries>,
     deadline: Instant,
 ) -> Result<&'a [DeploymentSeries], ApiError> {
     if !config.collectors.deployments {
         slot.get_or_insert_with(|| {
-            deployments::directory(
-                client,
-                config.max_deployments,
-                &mut state.deployments,
-                deadline,
-            )
-            .map(|d| state.directory = d)
+            deployments::directory(client, config.max_deployments, deployments, deadline)
+                .map(|d| *directory = d)
         })
         .clone()?;
     }
-    Ok(&state.directory)
+    Ok(directory)
 }
 
 /// Runs one group, timed, and records how it fared.
@@ -220,20 +216,35 @@ pub fn collect_all(
     };
     let active_flow_runs = if on.active_flow_runs {
         run_group("active_flow_runs", &mut groups, || {
-            // Taken out for the call: the directory borrows the rest of the state.
-            let mut runs = std::mem::take(&mut state.active_runs);
-            let dir = shared_directory(&mut directory, client, config, state, deadline)?;
-            let part =
-                active_runs::collect(client, dir, config.max_listed_runs, &mut runs, deadline);
-            state.active_runs = runs;
-            part
+            let dir = shared_directory(
+                &mut directory,
+                client,
+                config,
+                &mut state.deployments,
+                &mut state.directory,
+                deadline,
+            )?;
+            active_runs::collect(
+                client,
+                dir,
+                config.max_listed_runs,
+                &mut state.active_runs,
+                deadline,
+            )
         })
     } else {
         None
     };
     let concurrency_limits = if on.concurrency_limits {
         run_group("concurrency_limits", &mut groups, || {
-            let dir = shared_directory(&mut directory, client, config, state, deadline)?;
+            let dir = shared_directory(
+                &mut directory,
+                client,
+                config,
+                &mut state.deployments,
+                &mut state.directory,
+                deadline,
+            )?;
             concurrency_limits::collect(client, dir, deadline)
         })
     } else {
