@@ -37,9 +37,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::listing::{self, States, LISTING_MAX_AGE, PAGE};
+use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, LISTING_MAX_AGE, PAGE};
 use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::{ActiveRunsPart, ActiveRunsSeries, DeploymentSeries};
@@ -109,75 +109,22 @@ fn pays_to_update(runs: &HashMap<String, ActiveRun>) -> bool {
     runs.len() >= 20 + 15 * names.len()
 }
 
-#[derive(Serialize)]
-struct RunsFilter<'a> {
-    flow_runs: RunsWhere<'a>,
-}
-
-#[derive(Serialize)]
-struct RunsWhere<'a> {
-    id: IdFilter<'a>,
-    state: StateWhere<'a>,
-}
-
-#[derive(Serialize)]
-struct IdFilter<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    any_: Option<&'a [&'a str]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    not_any_: Option<&'a [&'a str]>,
-}
-
-#[derive(Serialize)]
-struct StateWhere<'a> {
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    state_type: Option<AnyOf<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<NotAnyOf<'a>>,
-}
-
-#[derive(Serialize)]
-struct AnyOf<'a> {
-    any_: &'a [&'a str],
-}
-
-#[derive(Serialize)]
-struct NotAnyOf<'a> {
-    not_any_: [&'a str; 1],
-}
-
 /// The runs in progress that are not among `known`.
 fn new_runs_filter<'a>(known: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter {
-        flow_runs: RunsWhere {
-            id: IdFilter {
-                any_: None,
-                not_any_: Some(known),
-            },
-            state: StateWhere {
-                state_type: Some(AnyOf {
-                    any_: &ACTIVE_TYPES,
-                }),
-                name: None,
-            },
-        },
-    }
+    RunsFilter::new(Where {
+        id: Some(Match::NotAny(known)),
+        state: StateWhere::types(Match::Any(&ACTIVE_TYPES)),
+        ..Where::default()
+    })
 }
 
 /// The runs among `ids` whose state name is no longer `name`.
-fn moved_filter<'a>(ids: &'a [&'a str], name: &'a str) -> RunsFilter<'a> {
-    RunsFilter {
-        flow_runs: RunsWhere {
-            id: IdFilter {
-                any_: Some(ids),
-                not_any_: None,
-            },
-            state: StateWhere {
-                state_type: None,
-                name: Some(NotAnyOf { not_any_: [name] }),
-            },
-        },
-    }
+fn moved_filter<'a>(ids: &'a [&'a str], name: &'a [&'a str; 1]) -> RunsFilter<'a> {
+    RunsFilter::new(Where {
+        id: Some(Match::Any(ids)),
+        state: StateWhere::names(Match::NotAny(name)),
+        ..Where::default()
+    })
 }
 
 pub fn collect(
@@ -243,11 +190,12 @@ fn update(
     )?;
     let mut moved: Vec<ActiveRun> = Vec::new();
     for (name, ids) in &by_name {
+        let name = [name.as_str()];
         for chunk in ids.chunks(PAGE) {
             let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
             let (runs, _) = listing::runs_where(
                 client,
-                &moved_filter(&chunk, name),
+                &moved_filter(&chunk, &name),
                 PAGE,
                 |r: &ActiveRun| &r.id,
                 deadline,
@@ -437,7 +385,7 @@ mod tests {
             r#"{"flow_runs":{"id":{"not_any_":["a","b"]},"state":{"type":{"any_":["PENDING","RUNNING"]}}},"sort":"ID_DESC","limit":200,"offset":0}"#
         );
         assert_eq!(
-            serde_json::to_string(&moved_filter(&known, "Running")).unwrap(),
+            serde_json::to_string(&moved_filter(&known, &["Running"])).unwrap(),
             r#"{"flow_runs":{"id":{"any_":["a","b"]},"state":{"name":{"not_any_":["Running"]}}}}"#
         );
     }

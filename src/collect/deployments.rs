@@ -54,12 +54,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::durations::{Durations, Ended};
+use super::listing::{After, Match, RunsFilter, StateWhere, Where, PAGE};
 use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::{DeploymentSeries, DeploymentsPart, TRACKED_END_STATES};
 
-/// Prefect refuses list requests with a larger limit (422).
-const PAGE: usize = 200;
 /// How far before the previous collection's start runs are asked for again.
 pub const OVERLAP: Duration = Duration::from_secs(30);
 /// Pages a pass may read per collection (10,000 runs), so that a long history
@@ -188,41 +187,6 @@ struct IdFilter<'a> {
 #[derive(Serialize)]
 struct AnyOf<'a> {
     any_: &'a [&'a str],
-}
-
-#[derive(Serialize)]
-struct RunsFilter<'a> {
-    flow_runs: RunFilter<'a>,
-}
-
-#[derive(Serialize)]
-struct RunFilter<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<StateFilter<'a>>,
-    deployment_id: DeploymentIdFilter<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    end_time: Option<After>,
-}
-
-#[derive(Serialize)]
-struct StateFilter<'a> {
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    state_type: Option<AnyOf<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<AnyOf<'a>>,
-}
-
-#[derive(Serialize)]
-struct DeploymentIdFilter<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    any_: Option<&'a [&'a str]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    is_null_: Option<bool>,
-}
-
-#[derive(Serialize)]
-struct After {
-    after_: String,
 }
 
 // ---- answers (only the fields used) ----
@@ -410,18 +374,13 @@ fn resolve_flow_names(
 /// growing), where the end time alone reads only the runs that just ended.
 fn ended_runs_body(after: f64, offset: usize) -> Page<RunsFilter<'static>> {
     Page {
-        filter: RunsFilter {
-            flow_runs: RunFilter {
-                state: None,
-                deployment_id: DeploymentIdFilter {
-                    any_: None,
-                    is_null_: Some(false),
-                },
-                end_time: Some(After {
-                    after_: rfc3339::format(after),
-                }),
-            },
-        },
+        filter: RunsFilter::new(Where {
+            deployment_id: Some(Match::IsNull(false)),
+            end_time: Some(After {
+                after_: rfc3339::format(after),
+            }),
+            ..Where::default()
+        }),
         sort: Some("END_TIME_DESC"),
         limit: PAGE,
         offset,
@@ -437,21 +396,14 @@ fn newest_runs_body<'a>(
     limit: usize,
 ) -> Page<RunsFilter<'a>> {
     Page {
-        filter: RunsFilter {
-            flow_runs: RunFilter {
-                state: state_type.map(|t| StateFilter {
-                    state_type: Some(AnyOf { any_: t }),
-                    name: None,
-                }),
-                deployment_id: DeploymentIdFilter {
-                    any_: Some(deployment),
-                    is_null_: None,
-                },
-                end_time: Some(After {
-                    after_: rfc3339::format(after),
-                }),
-            },
-        },
+        filter: RunsFilter::new(Where {
+            state: state_type.and_then(|t| StateWhere::types(Match::Any(t))),
+            deployment_id: Some(Match::Any(deployment)),
+            end_time: Some(After {
+                after_: rfc3339::format(after),
+            }),
+            ..Where::default()
+        }),
         sort: Some("END_TIME_DESC"),
         limit,
         offset: 0,

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::listing::{self, Match, RunsFilter, StateWhere, Where};
 use super::rfc3339;
 use crate::config::FlowRunsRead;
 use crate::prefect::{ApiError, Client};
@@ -243,35 +244,12 @@ fn by_history(client: &mut Client, deadline: Instant) -> Result<Vec<StateCount>,
     Ok(state_counts(&buckets))
 }
 
-#[derive(Serialize)]
-struct NameCount<'a> {
-    flow_runs: NameFilter<'a>,
-}
-
-#[derive(Serialize)]
-struct NameFilter<'a> {
-    state: ByName<'a>,
-}
-
-#[derive(Serialize)]
-struct ByName<'a> {
-    name: NameList<'a>,
-}
-
-#[derive(Serialize)]
-enum NameList<'a> {
-    #[serde(rename = "any_")]
-    Any([&'a str; 1]),
-    #[serde(rename = "not_any_")]
-    NotAny(Vec<&'a str>),
-}
-
-fn name_count(list: NameList<'_>) -> NameCount<'_> {
-    NameCount {
-        flow_runs: NameFilter {
-            state: ByName { name: list },
-        },
-    }
+/// Runs whose state name `m` matches.
+fn name_count(m: Match<'_>) -> RunsFilter<'_> {
+    RunsFilter::new(Where {
+        state: StateWhere::names(m),
+        ..Where::default()
+    })
 }
 
 /// One `POST /flow_runs/count` per state name (Prefect's and the `custom`
@@ -291,21 +269,13 @@ fn by_names(
         .collect();
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for (t, n) in &all {
-        let c: u64 = client.post(
-            "/flow_runs/count",
-            &name_count(NameList::Any([n])),
-            deadline,
-        )?;
+        let c = listing::count_where(client, &name_count(Match::Any(&[n])), deadline)?;
         if c > 0 || KNOWN_STATES.contains(&(t, n)) {
             counts.insert((t.to_string(), n.to_string()), c);
         }
     }
-    let names = all.iter().map(|(_, n)| *n).collect();
-    let others: u64 = client.post(
-        "/flow_runs/count",
-        &name_count(NameList::NotAny(names)),
-        deadline,
-    )?;
+    let names: Vec<&str> = all.iter().map(|(_, n)| *n).collect();
+    let others = listing::count_where(client, &name_count(Match::NotAny(&names)), deadline)?;
     Ok((others == 0).then(|| listed(counts)))
 }
 
@@ -480,11 +450,11 @@ mod tests {
     #[test]
     fn counts_by_name_filter_on_the_name_alone() {
         assert_eq!(
-            serde_json::to_string(&name_count(NameList::Any(["Late"]))).unwrap(),
+            serde_json::to_string(&name_count(Match::Any(&["Late"]))).unwrap(),
             r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}}}"#
         );
         assert_eq!(
-            serde_json::to_string(&name_count(NameList::NotAny(vec!["Late", "Custom"]))).unwrap(),
+            serde_json::to_string(&name_count(Match::NotAny(&["Late", "Custom"]))).unwrap(),
             r#"{"flow_runs":{"state":{"name":{"not_any_":["Late","Custom"]}}}}"#
         );
     }

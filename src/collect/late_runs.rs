@@ -33,9 +33,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::listing::{self, States};
+use super::listing::{self, After, RunsFilter, States, Where};
 use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::LateRunsSummary;
@@ -91,45 +91,18 @@ struct Key {
 
 /// The fingerprint request: late runs whose expected start time is at or
 /// after `after` (Prefect's `after_` includes the bound).
-#[derive(Serialize)]
-struct NewerBody<'a> {
-    flow_runs: NewerFilter<'a>,
-}
-
-#[derive(Serialize)]
-struct NewerFilter<'a> {
-    state: NameFilter,
-    expected_start_time: After<'a>,
-}
-
-#[derive(Serialize)]
-struct NameFilter {
-    name: AnyOf,
-}
-
-#[derive(Serialize)]
-struct AnyOf {
-    any_: [&'static str; 1],
-}
-
-#[derive(Serialize)]
-struct After<'a> {
-    after_: &'a str,
-}
-
-fn newer_body(after: &str) -> NewerBody<'_> {
-    NewerBody {
-        flow_runs: NewerFilter {
-            state: NameFilter {
-                name: AnyOf { any_: ["Late"] },
-            },
-            expected_start_time: After { after_: after },
-        },
-    }
+fn newer_body(after: &str) -> RunsFilter<'static> {
+    RunsFilter::new(Where {
+        state: LATE.state(),
+        expected_start_time: Some(After {
+            after_: after.to_string(),
+        }),
+        ..Where::default()
+    })
 }
 
 fn count_newer(client: &mut Client, after: &str, deadline: Instant) -> Result<u64, ApiError> {
-    client.post("/flow_runs/count", &newer_body(after), deadline)
+    listing::count_where(client, &newer_body(after), deadline)
 }
 
 /// One microsecond (Prefect's precision) after the latest expected start

@@ -31,55 +31,103 @@ pub enum States {
     Types(&'static [&'static str]),
 }
 
+/// The body of Prefect's flow-run endpoints (`/flow_runs/filter`, `/count`):
+/// `{"flow_runs": {...}}`, with the fields the collectors ask on. The one
+/// place these bodies are spelled; each module fills in its fields.
 #[derive(Serialize)]
-pub struct RunsFilter {
-    flow_runs: RunStates,
+pub struct RunsFilter<'a> {
+    pub flow_runs: Where<'a>,
 }
 
-#[derive(Serialize)]
-struct RunStates {
-    state: StateFilter,
-}
-
-#[derive(Serialize)]
-struct StateFilter {
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    state_type: Option<AnyOf>,
+/// Fields left at None are left out of the body.
+#[derive(Serialize, Default)]
+pub struct Where<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<AnyOf>,
+    pub id: Option<Match<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateWhere<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<Match<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<After>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_start_time: Option<After>,
+}
+
+#[derive(Serialize, Default)]
+pub struct StateWhere<'a> {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub state_type: Option<Match<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<Match<'a>>,
+}
+
+/// One condition on a field: `{"any_": [...]}`, `{"not_any_": [...]}` or
+/// `{"is_null_": b}`.
+#[derive(Serialize)]
+pub enum Match<'a> {
+    #[serde(rename = "any_")]
+    Any(&'a [&'a str]),
+    #[serde(rename = "not_any_")]
+    NotAny(&'a [&'a str]),
+    #[serde(rename = "is_null_")]
+    IsNull(bool),
+}
+
+/// `{"after_": t}`: at or after `t` (Prefect includes the bound).
+#[derive(Serialize)]
+pub struct After {
+    pub after_: String,
+}
+
+impl<'a> RunsFilter<'a> {
+    pub fn new(flow_runs: Where<'a>) -> RunsFilter<'a> {
+        RunsFilter { flow_runs }
+    }
+}
+
+impl<'a> StateWhere<'a> {
+    pub fn types(m: Match<'a>) -> Option<StateWhere<'a>> {
+        Some(StateWhere {
+            state_type: Some(m),
+            name: None,
+        })
+    }
+
+    pub fn names(m: Match<'a>) -> Option<StateWhere<'a>> {
+        Some(StateWhere {
+            state_type: None,
+            name: Some(m),
+        })
+    }
 }
 
 #[derive(Serialize)]
-struct AnyOf {
-    any_: &'static [&'static str],
-}
-
-#[derive(Serialize)]
-pub struct RunsPage<'a, F: Serialize> {
+pub struct RunsPage<'a> {
     #[serde(flatten)]
-    filter: &'a F,
+    filter: &'a RunsFilter<'a>,
     sort: &'static str,
     limit: usize,
     offset: usize,
 }
 
-pub fn filter(states: States) -> RunsFilter {
-    let state = match states {
-        States::Names(n) => StateFilter {
-            state_type: None,
-            name: Some(AnyOf { any_: n }),
-        },
-        States::Types(t) => StateFilter {
-            state_type: Some(AnyOf { any_: t }),
-            name: None,
-        },
-    };
-    RunsFilter {
-        flow_runs: RunStates { state },
+impl States {
+    pub fn state(self) -> Option<StateWhere<'static>> {
+        match self {
+            States::Names(n) => StateWhere::names(Match::Any(n)),
+            States::Types(t) => StateWhere::types(Match::Any(t)),
+        }
     }
 }
 
-pub fn page_body<F: Serialize>(filter: &F, limit: usize, offset: usize) -> RunsPage<'_, F> {
+pub fn filter(states: States) -> RunsFilter<'static> {
+    RunsFilter::new(Where {
+        state: states.state(),
+        ..Where::default()
+    })
+}
+
+pub fn page_body<'a>(filter: &'a RunsFilter<'a>, limit: usize, offset: usize) -> RunsPage<'a> {
     RunsPage {
         filter,
         sort: SORT,
@@ -91,7 +139,16 @@ pub fn page_body<F: Serialize>(filter: &F, limit: usize, offset: usize) -> RunsP
 /// `POST /flow_runs/count` of the runs in these states: 2-5 ms of server CPU
 /// whatever their number.
 pub fn count(client: &mut Client, states: States, deadline: Instant) -> Result<u64, ApiError> {
-    client.post("/flow_runs/count", &filter(states), deadline)
+    count_where(client, &filter(states), deadline)
+}
+
+/// `POST /flow_runs/count` of the runs `filter` matches.
+pub fn count_where(
+    client: &mut Client,
+    filter: &RunsFilter<'_>,
+    deadline: Instant,
+) -> Result<u64, ApiError> {
+    client.post("/flow_runs/count", filter, deadline)
 }
 
 /// The runs in these states, 200 per request, at most `max` of them. Returns
@@ -106,10 +163,10 @@ pub fn runs<T: DeserializeOwned>(
     runs_where(client, &filter(states), max, id, deadline)
 }
 
-/// [`runs`] for any flow-run filter body (`{"flow_runs": {...}}`).
-pub fn runs_where<T: DeserializeOwned, F: Serialize>(
+/// [`runs`] for any flow-run filter.
+pub fn runs_where<T: DeserializeOwned>(
     client: &mut Client,
-    filter: &F,
+    filter: &RunsFilter<'_>,
     max: usize,
     id: impl Fn(&T) -> &str,
     deadline: Instant,
