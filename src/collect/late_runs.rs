@@ -139,15 +139,18 @@ pub fn collect(
     }
     let now = Instant::now();
     if let Some(l) = last {
-        // The fingerprint is asked only when the count alone allows a reuse.
-        let same = l.key.total == total && l.key.max == max;
-        if let (true, Some(after)) = (same, &l.after) {
-            let key = Key {
-                total,
-                newer: count_newer(client, after, deadline)?,
-                max,
-            };
-            if reusable(Some((&l.key, l.at)), &key, now, max_age) {
+        // The fingerprint is asked only when all else allows a reuse: the
+        // count, the cap, the age.
+        let if_no_newer = Key {
+            total,
+            newer: l.key.newer,
+            max,
+        };
+        if let (true, Some(after)) = (
+            reusable(Some((&l.key, l.at)), &if_no_newer, now, max_age),
+            &l.after,
+        ) {
+            if count_newer(client, after, deadline)? == l.key.newer {
                 let mut late = l.late.clone();
                 late.summary.listing_age = now.saturating_duration_since(l.at);
                 state.last = Some(l);
