@@ -135,9 +135,10 @@ pub fn collect(
     deadline: Instant,
 ) -> Result<ActiveRunsPart, ApiError> {
     // Taken out: any failure below leaves nothing to update next time.
-    let known = state.known.take().filter(|k| {
-        k.listed_at.elapsed() < LISTING_MAX_AGE && k.runs.len() <= max && pays_to_update(&k.runs)
-    });
+    let known = state
+        .known
+        .take()
+        .filter(|k| k.listed_at.elapsed() < LISTING_MAX_AGE && pays_to_update(&k.runs));
     let updated = match known {
         Some(k) => update(client, k, max, deadline)?,
         None => None,
