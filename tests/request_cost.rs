@@ -1126,7 +1126,7 @@ fn count_requests(c: &Counts) -> u64 {
 /// than the history, on large histories) is exact, custom names included: a
 /// run in a name not counted yet is seen by the count of the other names, and
 /// the history read in the same collection names it; a custom name emptied is
-/// no longer counted.
+/// no longer counted. With `history`, no count by name is sent.
 #[test]
 fn per_state_counts_by_name_are_exact_and_find_new_custom_names() {
     support::require_prefect!();
@@ -1201,4 +1201,27 @@ fn per_state_counts_by_name_are_exact_and_find_new_custom_names() {
     assert_eq!(shown[&state("COMPLETED", "Completed")], 4);
     let steady = after_change(&exp, &proxy, || {});
     assert_eq!(count_requests(&steady), names_read(1), "{steady:?}");
+
+    // EXPORTER_FLOW_RUNS_READ=history: never a count by name, from the first
+    // collection on (`auto` reads both ways first), and the same series.
+    let proxy_history = CountingProxy::start(server.port());
+    let history = spawn_with(
+        &proxy_history,
+        &[
+            ("EXPORTER_COLLECTORS", "flow_runs"),
+            ("EXPORTER_FLOW_RUNS_READ", "history"),
+        ],
+    );
+    let (n, _, all) = counts_after_collection(&history, &proxy_history);
+    assert_eq!(
+        count_requests(&all),
+        4 * n as u64,
+        "seed counts only: {all:?}"
+    );
+    assert_eq!(
+        all.get("POST /flow_runs/history"),
+        Some(&(n as u64)),
+        "{all:?}"
+    );
+    assert_eq!(exact(&history.metrics()), exact(&exp.metrics()));
 }
