@@ -31,10 +31,7 @@ pub struct State {
     server_version: Option<String>,
     version_checked: Option<Instant>,
     last_failed: bool,
-    deployments: deployments::State,
-    /// The deployments of the last good listing: names for the runs in
-    /// progress and the deployment limits, bounded by EXPORTER_MAX_DEPLOYMENTS.
-    directory: Vec<DeploymentSeries>,
+    directory: Directory,
     /// Whether the cap on listed late runs / runs in progress was logged.
     late_cap_warned: bool,
     active_cap_warned: bool,
@@ -42,6 +39,15 @@ pub struct State {
     active_runs: active_runs::State,
     events: events::State,
     flow_runs: flow_runs::State,
+}
+
+/// The deployments group's state and the deployments of its last good
+/// listing: names for the runs in progress and the deployment limits, bounded
+/// by EXPORTER_MAX_DEPLOYMENTS.
+#[derive(Default)]
+struct Directory {
+    deployments: deployments::State,
+    items: Vec<DeploymentSeries>,
 }
 
 /// One WARN line when a listing first hits EXPORTER_MAX_LISTED_RUNS, one INFO
@@ -92,18 +98,22 @@ fn shared_directory<'a>(
     slot: &mut Option<Result<(), ApiError>>,
     client: &mut Client,
     config: &Config,
-    deployments: &mut deployments::State,
-    directory: &'a mut Vec<DeploymentSeries>,
+    directory: &'a mut Directory,
     deadline: Instant,
 ) -> Result<&'a [DeploymentSeries], ApiError> {
     if !config.collectors.deployments {
         slot.get_or_insert_with(|| {
-            deployments::directory(client, config.max_deployments, deployments, deadline)
-                .map(|d| *directory = d)
+            deployments::directory(
+                client,
+                config.max_deployments,
+                &mut directory.deployments,
+                deadline,
+            )
+            .map(|d| directory.items = d)
         })
         .clone()?;
     }
-    Ok(directory)
+    Ok(&directory.items)
 }
 
 /// Runs one group, timed, and records how it fared.
@@ -159,7 +169,8 @@ pub fn collect_all(
 
     let on = config.collectors;
     let mut late = None;
-    let mut directory = None;
+    // Whether the directory was listed this collection (deployments group off).
+    let mut listed = None;
     let flow_runs = if on.flow_runs {
         run_group("flow_runs", &mut groups, || {
             flow_runs::collect(
@@ -188,7 +199,7 @@ pub fn collect_all(
             deployments::collect(
                 client,
                 &settings,
-                &mut state.deployments,
+                &mut state.directory.deployments,
                 &late.by_deployment,
                 deadline,
             )
@@ -197,7 +208,7 @@ pub fn collect_all(
         None
     };
     if let Some(part) = &deployments {
-        state.directory = part.items.clone();
+        state.directory.items = part.items.clone();
     }
     let work_pools = if on.work_pools {
         run_group("work_pools", &mut groups, || {
@@ -216,14 +227,8 @@ pub fn collect_all(
     };
     let active_flow_runs = if on.active_flow_runs {
         run_group("active_flow_runs", &mut groups, || {
-            let dir = shared_directory(
-                &mut directory,
-                client,
-                config,
-                &mut state.deployments,
-                &mut state.directory,
-                deadline,
-            )?;
+            let dir =
+                shared_directory(&mut listed, client, config, &mut state.directory, deadline)?;
             active_runs::collect(
                 client,
                 dir,
@@ -237,14 +242,8 @@ pub fn collect_all(
     };
     let concurrency_limits = if on.concurrency_limits {
         run_group("concurrency_limits", &mut groups, || {
-            let dir = shared_directory(
-                &mut directory,
-                client,
-                config,
-                &mut state.deployments,
-                &mut state.directory,
-                deadline,
-            )?;
+            let dir =
+                shared_directory(&mut listed, client, config, &mut state.directory, deadline)?;
             concurrency_limits::collect(client, dir, deadline)
         })
     } else {
