@@ -78,7 +78,16 @@ fn run() -> i32 {
         log::warn!("{w}");
     }
 
-    let (listener, bound) = match server::bind(config.address, config.port) {
+    match server::raise_descriptor_limit() {
+        Ok((before, after)) if before != after => {
+            log::debug!("open files limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => log::debug!("cannot raise the open files limit: {e}"),
+    }
+    let listening =
+        server::inherited().unwrap_or_else(|| server::bind(config.address, config.port));
+    let (listener, bound) = match listening {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot listen on {e} (check EXPORTER_ADDRESS and EXPORTER_PORT)");

@@ -45,7 +45,7 @@ fn threads(pid: u32) -> u64 {
 
 fn ready_exporter(stub: &Stub) -> Exporter {
     let url = stub.api_url();
-    let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
+    let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("LOG_LEVEL", "debug")]);
     exp.wait_for(
         |m| m.get("prefect_up") == Some(&1.0),
         Duration::from_secs(20),
@@ -404,4 +404,376 @@ fn sigterm_while_an_answer_is_stuck_exits_0_within_a_second() {
         exp.stderr()
     );
     drop(s);
+}
+
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0)
+}
+
+/// A well-behaved scraper on a new connection every 250 ms, in the background,
+/// until stopped: how long each scrape took, and what failed.
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<(Vec<Duration>, Vec<String>)>,
+}
+
+impl Scraper {
+    fn start(addr: &str) -> Scraper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (addr, flag) = (addr.to_string(), Arc::clone(&stop));
+        let handle = thread::spawn(move || {
+            let (mut took, mut failed) = (Vec::new(), Vec::new());
+            while !flag.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                match http_request(&addr, "GET", "/metrics", &[], b"") {
+                    Ok(r) if r.status == 200 && r.body.contains("prefect_up") => {
+                        took.push(t.elapsed())
+                    }
+                    Ok(r) => failed.push(format!("status {} after {:?}", r.status, t.elapsed())),
+                    Err(e) => failed.push(format!(
+                        "{e} after {:?}, begun at {:?}",
+                        t.elapsed(),
+                        std::time::SystemTime::now() - t.elapsed()
+                    )),
+                }
+                thread::sleep(SCRAPE_EVERY);
+            }
+            (took, failed)
+        });
+        Scraper { stop, handle }
+    }
+
+    /// Stops; every scrape answered, the slowest within `limit`. Returns the
+    /// number of scrapes and the slowest.
+    fn finish(self, limit: Duration, exp: &Exporter) -> (usize, Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (mut took, failed) = self.handle.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "scrapes failed: {failed:?}\nstderr:\n{}",
+            exp.stderr()
+        );
+        took.sort();
+        let worst = *took.last().expect("no scrape at all");
+        assert!(
+            worst < limit,
+            "a scrape took {worst:?} (limit {limit:?}): {took:?}\nstderr:\n{}",
+            exp.stderr()
+        );
+        (took.len(), worst)
+    }
+}
+
+/// Connects and sends `head`, then `trickle` one byte every 200 ms until
+/// `stop`; returns the first line of whatever came back.
+fn trickler(
+    addr: &str,
+    head: &'static [u8],
+    trickle: &'static [u8],
+    stop: &Arc<AtomicBool>,
+) -> JoinHandle<String> {
+    let (addr, stop) = (addr.to_string(), Arc::clone(stop));
+    thread::spawn(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        s.write_all(head).unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut bytes = trickle.iter().cycle();
+        while !stop.load(Ordering::SeqCst) {
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+            if !trickle.is_empty() {
+                let b = [*bytes.next().unwrap()];
+                if s.write_all(&b).is_err() {
+                    break;
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&answer);
+        text.lines()
+            .next()
+            .unwrap_or("(closed without an answer)")
+            .to_string()
+    })
+}
+
+#[test]
+fn bodies_expect_and_slow_clients_never_hold_up_a_scrape() {
+    let stub = Stub::standard();
+    let mut exp = ready_exporter(&stub);
+    let addr = exp.addr().to_string();
+    let pid = exp.pid();
+    let scraper = Scraper::start(&addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cases: Vec<(&str, JoinHandle<String>)> = vec![
+        (
+            "a body announced and never sent",
+            trickler(
+                &addr,
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n",
+                b"",
+                &stop,
+            ),
+        ),
+        (
+            "a body too large to ever drain",
+            trickler(
+                &addr,
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000000\r\n\r\n",
+                b"",
+                &stop,
+            ),
+        ),
+        (
+            "a GET body trickled",
+            trickler(
+                &addr,
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+                b"z",
+                &stop,
+            ),
+        ),
+        (
+            "a POST body trickled",
+            trickler(
+                &addr,
+                b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
+                b"z",
+                &stop,
+            ),
+        ),
+        (
+            "a chunked body trickled",
+            trickler(
+                &addr,
+                b"POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"1\r\nz\r\n",
+                &stop,
+            ),
+        ),
+        (
+            "Expect: 100-continue and no body",
+            trickler(
+                &addr,
+                b"POST /metrics HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+                b"",
+                &stop,
+            ),
+        ),
+        (
+            "a header trickled",
+            trickler(&addr, b"GET /metrics HTTP/1.1\r\nX-Slow: ", b"z", &stop),
+        ),
+    ];
+    // A pipelining client that reads, and HTTP/1.0 clients, meanwhile.
+    let pipelined = {
+        let addr = addr.clone();
+        thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(50))
+                .unwrap();
+            let mut buf = Vec::new();
+            (0..50)
+                .map(|_| read_answer(&mut s, &mut buf))
+                .collect::<Vec<u16>>()
+        })
+    };
+    for _ in 0..10 {
+        let r = http_request(&addr, "GET", "/metrics", &[], b"").unwrap();
+        assert_eq!(r.status, 200);
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "{answer}"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(pipelined.join().unwrap(), vec![200; 50]);
+    // Long enough for the trickles to outlast a drain's read timeout of old.
+    thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::SeqCst);
+    let answers: Vec<(&str, String)> = cases
+        .into_iter()
+        .map(|(name, h)| (name, h.join().unwrap()))
+        .collect();
+    let (scrapes, worst) = scraper.finish(Duration::from_secs(1), &exp);
+    assert!(scrapes >= 20, "only {scrapes} scrapes");
+    let first = |name: &str| answers.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    for refused in [
+        "a GET body trickled",
+        "a POST body trickled",
+        "Expect: 100-continue and no body",
+    ] {
+        assert!(
+            first(refused).starts_with("HTTP/1.1 413"),
+            "{refused}: {answers:?}"
+        );
+    }
+    assert!(
+        first("a chunked body trickled").starts_with("HTTP/1.1 405"),
+        "{answers:?}"
+    );
+    assert!(
+        exp.wait_exit(Duration::from_millis(100)).is_none(),
+        "the exporter died:\n{}",
+        exp.stderr()
+    );
+    assert_eq!(exp.pid(), pid);
+    eprintln!("slow bodies: {scrapes} scrapes, worst {worst:?}; answers: {answers:?}");
+}
+
+/// The process's descriptors, threads and resident memory.
+fn footprint(pid: u32) -> (u64, u64, u64) {
+    (open_fds(pid), threads(pid), rss_kb(pid))
+}
+
+/// Where each of the process's threads waits, for a failure's message.
+fn thread_waits(pid: u32) -> Vec<String> {
+    let mut waits: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .map(|t| {
+                    let read =
+                        |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                    format!("{} {}", read("comm").trim(), read("wchan"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    waits.sort();
+    waits
+}
+
+/// Raises this test process's own descriptor limit: a thousand connections.
+fn raise_own_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write `limit` only.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(
+        limit.rlim_cur >= 2500,
+        "descriptor limit {}",
+        limit.rlim_cur
+    );
+}
+
+/// Within 60 s of the clients closing, the process is back within 10
+/// descriptors, 4 threads and 2 MB of resident memory of `before`.
+fn back_to(pid: u32, before: (u64, u64, u64), case: &str, exp: &Exporter) -> Duration {
+    let t = Instant::now();
+    poll(Duration::from_secs(60), Duration::from_millis(500), || {
+        let (fds, threads, rss) = footprint(pid);
+        (fds <= before.0 + 10 && threads <= before.1 + 4 && rss <= before.2 + 2048).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{case}: 60 s after the clients closed, (descriptors, threads, RSS kB) = {:?}, before {before:?}\nthreads waiting in: {:?}\nstderr:\n{}",
+            footprint(pid),
+            thread_waits(pid),
+            exp.stderr()
+        )
+    });
+    t.elapsed()
+}
+
+#[test]
+fn what_tiny_http_cannot_give_back_is_given_back_in_the_same_process() {
+    raise_own_descriptor_limit();
+    let stub = Stub::standard();
+    let mut exp = ready_exporter(&stub);
+    let addr = exp.addr().to_string();
+    let pid = exp.pid();
+    for _ in 0..5 {
+        scrape(&addr, &exp);
+    }
+    thread::sleep(Duration::from_millis(1500));
+    let before = footprint(pid);
+    let scraper = Scraper::start(&addr);
+    let mut report = Vec::new();
+
+    // 1,000 connections sending the HTTP/2 preface (tiny_http deadlocks each).
+    for batch in 0..20 {
+        let conns: Vec<TcpStream> = (0..50)
+            .map(|_| {
+                let mut s = TcpStream::connect(&addr).expect("connect");
+                s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+                s
+            })
+            .collect();
+        if batch == 19 {
+            thread::sleep(Duration::from_millis(500));
+            let (fds, ..) = footprint(pid);
+            assert!(
+                fds > before.0 + 50,
+                "the prefaces cost nothing? {fds} descriptors"
+            );
+        }
+        drop(conns);
+    }
+    report.push((
+        "1,000 HTTP/2 prefaces",
+        back_to(pid, before, "prefaces", &exp),
+    ));
+
+    // 100,000 pipelined requests, never read.
+    {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let burst = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100_000);
+        s.write_all(&burst).expect("the flood was not taken");
+        thread::sleep(Duration::from_secs(3));
+    }
+    report.push((
+        "100,000 pipelined requests",
+        back_to(pid, before, "pipelined", &exp),
+    ));
+
+    // 1,000 idle connections.
+    {
+        let idle: Vec<TcpStream> = (0..1000)
+            .map(|_| TcpStream::connect(&addr).expect("idle connect"))
+            .collect();
+        poll(Duration::from_secs(20), Duration::from_millis(200), || {
+            (threads(pid) > before.1 + 900).then_some(())
+        })
+        .expect("the idle connections were never accepted");
+        drop(idle);
+    }
+    report.push(("1,000 idle connections", back_to(pid, before, "idle", &exp)));
+
+    let (scrapes, worst) = scraper.finish(SCRAPE_LIMIT, &exp);
+    assert!(
+        exp.wait_exit(Duration::from_millis(100)).is_none(),
+        "the exporter exited:\n{}",
+        exp.stderr()
+    );
+    assert_eq!(exp.pid(), pid);
+    let stderr = exp.stderr();
+    assert!(stderr.contains("starting afresh"), "{stderr}");
+    assert_eq!(
+        support::listening_addr(&stderr).as_deref(),
+        Some(addr.as_str())
+    );
+    eprintln!(
+        "given back: {report:?}; {scrapes} scrapes meanwhile, worst {worst:?}; before {before:?}, after {:?}",
+        footprint(pid)
+    );
 }
