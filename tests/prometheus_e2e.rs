@@ -991,3 +991,167 @@ fn dashboard_queries_are_found_in_rows_and_collapsed_rows() {
     .collect();
     assert_eq!(found, want);
 }
+
+// ---------------------------------------------------------------------------
+// 3. Scrapes on kept connections, for longer than the idle timeout
+// ---------------------------------------------------------------------------
+
+/// Every scrape must be answered within this, on an idle machine.
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+/// Longer than the exporter's idle timeout (30 s) and a look at its connections.
+const PAST_IDLE_TIMEOUT: Duration = Duration::from_secs(35);
+
+/// A client that keeps one connection, as Prometheus's Go transport and curl do:
+/// when the server has closed it (end of file or reset before any byte of an
+/// answer), the GET is sent once more on a new connection; a timeout is a
+/// failure.
+struct KeepAliveClient {
+    addr: String,
+    conn: Option<std::net::TcpStream>,
+    /// New connections opened after the first.
+    reconnects: usize,
+}
+
+impl KeepAliveClient {
+    fn scrape(&mut self) -> Result<Duration, String> {
+        let t = Instant::now();
+        let fresh = self.conn.is_none();
+        match self.try_once() {
+            Ok(()) => Ok(t.elapsed()),
+            Err((closed, _)) if closed && !fresh => {
+                self.reconnects += 1;
+                self.try_once().map_err(|(_, e)| format!("retry: {e}"))?;
+                Ok(t.elapsed())
+            }
+            Err((_, e)) => Err(e),
+        }
+    }
+
+    /// One request and its answer; on failure, whether the connection had
+    /// been closed by the server before any byte came.
+    fn try_once(&mut self) -> Result<(), (bool, String)> {
+        use std::io::Read;
+        if self.conn.is_none() {
+            let s = std::net::TcpStream::connect(&self.addr).map_err(|e| (false, e.to_string()))?;
+            s.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
+            self.conn = Some(s);
+        }
+        let s = self.conn.as_mut().unwrap();
+        let sent = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        let result = sent.map_err(|e| (true, e.to_string())).and_then(|()| loop {
+            let n = match s.read(&mut chunk) {
+                Ok(0) => return Err((buf.is_empty(), "closed".to_string())),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err((buf.is_empty(), e.to_string()))
+                }
+                Err(e) => return Err((false, format!("{e} after {} bytes", buf.len()))),
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or((false, format!("no content-length: {head}")))?;
+            if !head.starts_with("http/1.1 200") {
+                return Err((false, head));
+            }
+            if buf.len() >= end + 4 + length {
+                return Ok(());
+            }
+        });
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+}
+
+#[test]
+fn keep_alive_scrapes_are_all_answered_past_the_idle_timeout() {
+    let test = "keep_alive_scrapes_are_all_answered_past_the_idle_timeout";
+    let Some(prometheus_bin) = tool("prometheus", test) else {
+        return;
+    };
+    support::require_prefect!();
+    let exporter = seeded_exporter();
+    let config = format!(
+        "global:\n  scrape_interval: 5s\n  scrape_timeout: 1s\n\
+         scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n      - targets: [{:?}]\n",
+        exporter.addr()
+    );
+    let prom = Prometheus::start(&prometheus_bin, &config);
+    let mut client = KeepAliveClient {
+        addr: exporter.addr().to_string(),
+        conn: None,
+        reconnects: 0,
+    };
+    // Every 5 s for 80 s, past the exporter's 30 s idle timeout and past the
+    // 30 s after which, with a receive timeout on the listener, its accept
+    // loop ended and stranded every kept connection.
+    let started = Instant::now();
+    let mut took = Vec::new();
+    let scrape = |client: &mut KeepAliveClient, took: &mut Vec<Duration>| {
+        let t = client.scrape().unwrap_or_else(|e| {
+            panic!(
+                "keep-alive scrape {} at {:?} failed: {e}\nexporter stderr:\n{}",
+                took.len() + 1,
+                started.elapsed(),
+                exporter.stderr()
+            )
+        });
+        assert!(t < ANSWER_WITHIN, "a keep-alive scrape took {t:?}");
+        took.push(t);
+    };
+    while started.elapsed() < Duration::from_secs(80) {
+        let next = Instant::now() + Duration::from_secs(5);
+        scrape(&mut client, &mut took);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    assert_eq!(
+        client.reconnects, 0,
+        "the kept connection was closed while in use"
+    );
+    // Idle for longer than the idle timeout: the server closes the connection,
+    // and the next GET goes once more on a new one.
+    std::thread::sleep(PAST_IDLE_TIMEOUT);
+    scrape(&mut client, &mut took);
+    assert_eq!(client.reconnects, 1, "the idle connection was never closed");
+    scrape(&mut client, &mut took);
+
+    // Prometheus scraped all along: every sample of `up` is 1, none missing.
+    let window = started.elapsed().as_secs() + 5;
+    let count = |expr: &str| -> f64 {
+        prom.query(expr)
+            .ok()
+            .and_then(|s| s.first().cloned())
+            .and_then(|s| s["value"][1].as_str().and_then(|v| v.parse().ok()))
+            .unwrap_or(-1.0)
+    };
+    let samples = count(&format!("count_over_time(up{{job=\"{JOB}\"}}[{window}s])"));
+    let lowest = count(&format!("min_over_time(up{{job=\"{JOB}\"}}[{window}s])"));
+    let slowest = count(&format!(
+        "max_over_time(scrape_duration_seconds{{job=\"{JOB}\"}}[{window}s])"
+    ));
+    let expected = (started.elapsed().as_secs() / 5) as f64 - 2.0;
+    assert!(
+        samples >= expected && lowest == 1.0 && slowest < ANSWER_WITHIN.as_secs_f64(),
+        "Prometheus: {samples} samples of up (at least {expected} expected), lowest {lowest}, \
+         slowest scrape {slowest} s\nprometheus log:\n{}\nexporter stderr:\n{}",
+        prom.log_tail(),
+        exporter.stderr()
+    );
+    took.sort();
+    eprintln!(
+        "keep-alive: {} scrapes, median {:?}, worst {:?}; Prometheus: {samples} samples, all up, slowest {slowest} s",
+        took.len(),
+        took[took.len() / 2],
+        took.last().unwrap()
+    );
+}
