@@ -777,3 +777,96 @@ fn what_tiny_http_cannot_give_back_is_given_back_in_the_same_process() {
         footprint(pid)
     );
 }
+
+/// A pids cgroup (v1 here) holding one process, so that no more threads than
+/// `pids.max` can be started in it; the process goes back to the root on drop.
+struct PidsCgroup {
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+    pid: u32,
+}
+
+impl PidsCgroup {
+    fn new(pid: u32) -> Option<PidsCgroup> {
+        let root = std::path::PathBuf::from("/sys/fs/cgroup/pids");
+        let dir = root.join(format!("prefect-exporter-test-{pid}"));
+        std::fs::create_dir(&dir).ok()?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).ok()?;
+        Some(PidsCgroup { dir, root, pid })
+    }
+
+    fn state(&self) -> Vec<String> {
+        ["pids.current", "pids.max", "pids.events", "cgroup.procs"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default())
+            .collect()
+    }
+
+    fn limit(&self, max: u64) {
+        std::fs::write(self.dir.join("pids.max"), max.to_string()).expect("pids.max");
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("pids.max"), "max");
+        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn no_thread_to_start_never_stops_the_exporter() {
+    let stub = Stub::standard();
+    let mut exp = ready_exporter(&stub);
+    let addr = exp.addr().to_string();
+    let pid = exp.pid();
+    let Some(cgroup) = PidsCgroup::new(pid) else {
+        assert!(
+            !support::is_ci(),
+            "CI=true: cannot make a pids cgroup under /sys/fs/cgroup/pids (root needed)"
+        );
+        eprintln!("SKIPPED no_thread_to_start_never_stops_the_exporter: no pids cgroup");
+        return;
+    };
+    scrape(&addr, &exp);
+    // Two threads more than it has: tiny_http's pool soon cannot start one
+    // for a new connection, and a new server cannot start its accept thread.
+    cgroup.limit(threads(pid) + 2);
+    let conns: Vec<TcpStream> = (0..30)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        exp.stderr().contains("panicked").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no thread ever failed to start ({} threads; cgroup {:?}):\n{}",
+            threads(pid),
+            cgroup.state(),
+            exp.stderr()
+        )
+    });
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        exp.wait_exit(Duration::from_millis(100)).is_none(),
+        "the exporter died:\n{}",
+        exp.stderr()
+    );
+    drop(conns);
+    // The limit stays: answering again once the connections' threads are gone.
+    poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        http_request(&addr, "GET", "/metrics", &[], b"")
+            .ok()
+            .filter(|r| r.status == 200 && r.body.contains("prefect_up 1"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no answer 30 s after the connections closed:\n{}",
+            exp.stderr()
+        )
+    });
+    assert_eq!(exp.pid(), pid);
+    drop(cgroup);
+    scrape(&addr, &exp);
+}
