@@ -102,6 +102,16 @@ fn systemd_unit_is_hardened() {
     ] {
         assert_eq!(get(key), vec![want], "{UNIT}: {key}");
     }
+    // 1,000 connections at once: a thread and two descriptors each, beside
+    // the exporter's own dozen threads and descriptors.
+    let number = |key: &str| -> u64 {
+        get(key)
+            .first()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{UNIT}: {key} is not one number"))
+    };
+    assert!(number("TasksMax") >= 1000 + 16, "{UNIT}: TasksMax");
+    assert!(number("LimitNOFILE") >= 2 * 1000 + 64, "{UNIT}: LimitNOFILE");
     let mem = get("MemoryMax");
     assert_eq!(mem.len(), 1, "{UNIT}: one MemoryMax");
     assert!(
