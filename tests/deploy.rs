@@ -345,6 +345,12 @@ fn kubernetes_service_and_servicemonitor() {
     assert_eq!(endpoints.len(), 1);
     assert_eq!(s(&endpoints[0], &["path"]), "/metrics");
     assert_eq!(s(&endpoints[0], &["port"]), svc_port_name);
+    // The target's job is the one the alert rules select (else: the Service name).
+    let job = seq(&endpoints[0], &["relabelings"])
+        .iter()
+        .find(|r| r.get("targetLabel").and_then(Value::as_str) == Some("job"))
+        .expect("a relabeling that sets job");
+    assert_eq!(s(job, &["replacement"]), alerts_job());
 }
 
 #[test]
@@ -507,4 +513,14 @@ fn kubernetes_networkpolicy_admits_only_prometheus() {
         "the metrics port: {port:?}"
     );
     assert_eq!(s(&ports[0], &["protocol"]), "TCP");
+}
+
+/// The job that monitoring/alerts.yaml's PrefectExporterDown expects: `up{job="..."}`.
+fn alerts_job() -> String {
+    let text = read("monitoring/alerts.yaml");
+    let at = text
+        .find("up{job=\"")
+        .expect("up{job=\"...\"} in alerts.yaml")
+        + 8;
+    text[at..].split('"').next().unwrap().to_string()
 }
