@@ -7,6 +7,8 @@ start=$(date +%s)
 
 # Prefect for the real-server tests (project-local, git-ignored .venv).
 scripts/prefect-venv.sh
+# helm-python-sdk and kubernetes-validate for the chart tests (.venv-helm).
+scripts/helm-venv.sh
 
 # promtool (Debian's prometheus package) checks the exposition format in tests.
 if ! command -v promtool >/dev/null 2>&1; then

@@ -21,7 +21,11 @@ use crate::snapshot::{
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Why /readyz says no, or nothing when it says yes.
+/// Why /readyz says no, or nothing when it says yes. Ready means "/metrics has
+/// a finished collection to show", whatever its result: a pod that turned unready
+/// while Prefect is down would leave its Service, and Prometheus would stop
+/// scraping it exactly when `prefect_up 0` and the PrefectDown alert matter. Why
+/// a collection failed is in `prefect_up`, the error counter and the log.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Readiness {
     Ready,
@@ -622,11 +626,7 @@ impl Metrics {
         if let Some(part) = &snap.work_pools {
             inner.series.ops.apply_pool_limits(part);
         }
-        inner.readiness = match (ok, snap.first_error()) {
-            (true, _) => Readiness::Ready,
-            (false, Some(e)) => Readiness::NotReady(format!("last collection failed: {e}")),
-            (false, None) => Readiness::NotReady("last collection failed".into()),
-        };
+        inner.readiness = Readiness::Ready;
         inner.render();
     }
 
@@ -765,6 +765,18 @@ mod tests {
     }
 
     #[test]
+    fn ready_once_the_first_collection_ends_even_when_it_failed() {
+        let m = Metrics::new();
+        match m.readiness() {
+            Readiness::NotReady(r) => assert!(r.contains("no collection"), "{r}"),
+            Readiness::Ready => panic!("ready before any collection ended"),
+        }
+        m.update(&snap(None));
+        assert_eq!(value(&text(&m), "prefect_up"), Some(0.0));
+        assert_eq!(m.readiness(), Readiness::Ready);
+    }
+
+    #[test]
     fn failed_collection_keeps_last_good_values_and_counts_once() {
         let m = Metrics::new();
         m.update(&snap(Some(COUNTS)));
@@ -781,10 +793,9 @@ mod tests {
             value(&t, "prefect_exporter_collector_success{collector=\"seed\"}"),
             Some(0.0)
         );
-        match m.readiness() {
-            Readiness::NotReady(r) => assert!(r.contains("HTTP 500"), "{r}"),
-            Readiness::Ready => panic!("must not be ready after a failure"),
-        }
+        // A failed collection leaves the exporter ready: it still has /metrics to
+        // show, and the failure is in prefect_up (see `Readiness`).
+        assert_eq!(m.readiness(), Readiness::Ready);
         // Request counts add up across collections, by code.
         m.update(&snap(Some(COUNTS)));
         let t = text(&m);

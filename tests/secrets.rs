@@ -118,9 +118,8 @@ fn secrets_never_leak_at_trace_level() {
         |m| m.get("prefect_exporter_collect_errors_total") >= Some(&2.0),
         WAIT,
     );
-    let (status, body) = refused.get("/readyz");
-    assert_eq!(status, 503);
-    assert!(body.contains("HTTP 401"), "{body}");
+    // Ready all the same (it has a finished collection to show); the 401 is logged.
+    assert_eq!(refused.get("/readyz"), (200, "ready\n".into()));
     answers.push_str(&all_answers(&refused));
 
     // Failure: the server goes away.
