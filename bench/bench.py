@@ -49,6 +49,16 @@ BENCH_XL_RUNS=100000 BENCH_LATE_DEPLOYMENTS=300 BENCH_COST_COLLECTIONS=30
 BENCH_LATE_INTERVAL=10 BENCH_LATE_COLLECTIONS=22
 BENCH_COST_ONLY=1 (only step 7, printed, RESULTS.md untouched)
 BENCH_COST_CASES=small,large,xl,xl-late (the databases of step 7)
+BENCH_HTTP_ONLY=1 (only step 8, printed, RESULTS.md untouched)
+BENCH_HTTP_DB (step 8's database, instead of the cached small one)
+BENCH_SOAK_SECONDS=600 (step 8's soak)
+BENCH_BINARY_BEFORE (another build for step 8's wrk comparison, e.g. the
+  previous release)
+
+ 8. The HTTP side (http_side.py), on a real Prefect server with the small
+    database: a soak with real Prometheus servers at 15 s and 60 s and a
+    keep-alive client at 5 s, the cost of each hostile client, and wrk's
+    throughput and p99 (of BENCH_BINARY_BEFORE too, if set).
 """
 
 import hashlib
@@ -71,6 +81,7 @@ from pathlib import Path
 
 import fill
 import fill_db
+import http_side
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -1371,6 +1382,42 @@ def cost_report(cost, meta):
     return "\n".join(lines)
 
 
+def run_http(procs, db):
+    """Step 8 (see the module's docstring) on a server of database `db`:
+    figures and their Markdown."""
+    server = start_checked(procs, "http", db)
+    out = {}
+    try:
+        wrk = []
+        for label, binary in (("before", os.environ.get("BENCH_BINARY_BEFORE")),
+                              ("this build", str(BINARY))):
+            if not binary:
+                continue
+            e = Exporter(procs, f"wrk-{label.replace(' ', '-')}", server.base + "/api", interval=30,
+                         binary=binary)
+            wait_until("first collection", lambda: e.collections() >= 1, 60, 0.2, e.proc)
+            r = run_wrk(e.url, CFG["wrk_seconds"])
+            wrk.append((label, r))
+            log(f"wrk {label}: {r['rps']:.0f}/s, p99 {r['latency'].get(99)}")
+            e.stop()
+        out["wrk"] = wrk
+        e = Exporter(procs, "soak", server.base + "/api", interval=30)
+        wait_until("first collection", lambda: e.collections() >= 1, 60, 0.2, e.proc)
+        out["soak"] = http_side.soak(procs, RUN, e, env_int("BENCH_SOAK_SECONDS", 600), log)
+        out["hostile"] = http_side.hostile(e, log)
+        heals = tail(e.log, 10_000).count("starting afresh")
+        e.stop()
+    finally:
+        server.stop()
+    text = http_side.report(out["soak"], out["hostile"], heals)
+    text += "\n| wrk, {} connections, {} s | scrapes/s | p50 | p99 | errors |\n|---|---|---|---|---|\n".format(
+        CFG["connections"], CFG["wrk_seconds"])
+    for label, r in out["wrk"]:
+        text += (f"| {label} | {r['rps']:,.0f} | {us(r['latency'].get(50, 0))} | "
+                 f"{us(r['latency'].get(99, 0))} | {r['non2xx'] + r['socket_errors']} |\n")
+    return out, text
+
+
 def main():
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
@@ -1380,6 +1427,12 @@ def main():
     started = time.monotonic()
     try:
         load_start = loadavg()
+        if os.environ.get("BENCH_HTTP_ONLY"):
+            db = os.environ.get("BENCH_HTTP_DB")
+            http, text = run_http(procs, Path(db) if db else ensure_cache(procs)[0] / "small.db")
+            (WORK / "last-http.json").write_text(json.dumps(http, indent=1, default=str))
+            print(text)
+            return 0
         cache, meta = ensure_cache(procs)
         if os.environ.get("BENCH_FILL_ONLY"):
             return 0
@@ -1403,6 +1456,7 @@ def main():
             static = measure_static(procs, large, perf["warmup"]["collections"])
         large.stop()
         cost = run_cost(procs, cache)
+        http, http_text = run_http(procs, cache / "small.db")
         load_end = loadavg()
         raw = {"cfg": CFG, "req": [req_small, req_large], "perf": perf, "meta": meta,
                "static": static}
@@ -1412,6 +1466,9 @@ def main():
         text = report(machine(), load_start, load_end, pver, meta,
                       (req_small, req_large), perf, sizes(), static)
         text += cost_report(cost, meta)
+        text += http_text
+        raw["http"] = http
+        (WORK / "last-run.json").write_text(json.dumps(raw, indent=1, default=str))
         RESULTS.write_text(text)
         print(text)
         log(f"done in {time.monotonic() - started:.0f} s; raw data in "

@@ -711,7 +711,11 @@ fn start(
                 IN_TINY_HTTP.with(|f| f.set(false));
                 match server {
                     Ok(s) => s.map_err(|e| e.to_string()),
-                    Err(_) => Err("no thread could be started".into()),
+                    Err(_) => {
+                        // Caught here: not a server to replace.
+                        TINY_HTTP_PANICKED.store(false, Ordering::SeqCst);
+                        Err("no thread could be started".into())
+                    }
                 }
             });
         match started {
