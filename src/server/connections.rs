@@ -159,6 +159,25 @@ mod tests {
     use std::net::TcpListener;
 
     #[test]
+    fn the_descriptor_limit_is_raised_to_the_hard_one() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write `limit` only.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            let hard = limit.rlim_max;
+            limit.rlim_cur = hard.min(256);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+            let (before, after) = raise_descriptor_limit().unwrap();
+            assert_eq!((before, after), (hard.min(256), hard));
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            assert_eq!(limit.rlim_cur, hard);
+        }
+    }
+
+    #[test]
     fn finds_each_accepted_connection_once_and_shuts_one_down() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
