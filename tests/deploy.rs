@@ -111,7 +111,10 @@ fn systemd_unit_is_hardened() {
             .unwrap_or_else(|| panic!("{UNIT}: {key} is not one number"))
     };
     assert!(number("TasksMax") >= 1000 + 16, "{UNIT}: TasksMax");
-    assert!(number("LimitNOFILE") >= 2 * 1000 + 64, "{UNIT}: LimitNOFILE");
+    assert!(
+        number("LimitNOFILE") >= 2 * 1000 + 64,
+        "{UNIT}: LimitNOFILE"
+    );
     let mem = get("MemoryMax");
     assert_eq!(mem.len(), 1, "{UNIT}: one MemoryMax");
     assert!(
