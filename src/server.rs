@@ -65,6 +65,12 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the loop wakes without requests: `malloc_trim`, expiry of stalled
 /// clients, and (as a fallback to `unblock`) the shutdown flag.
 const TICK: Duration = Duration::from_secs(1);
+/// A connection whose request has waited unread this long has no thread:
+/// tiny_http's pool queues a connection that comes while a thread it woke has
+/// not yet taken the previous one, instead of starting a thread, and the
+/// queued one waits until a thread is free, which a kept connection may never
+/// make it. Connections idle for as long are then closed to free threads.
+const UNSERVED_AFTER: Duration = Duration::from_secs(1);
 /// How often the connections are looked at (idle ones closed, stuck ones
 /// counted): a directory listing and five system calls per connection.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -584,7 +590,7 @@ impl Watch {
             return None;
         }
         self.last = Some(Instant::now());
-        let (mut open, mut idle) = (0usize, 0usize);
+        let (mut open, mut idle, mut unserved) = (0usize, 0usize, 0usize);
         let mut present = Vec::new();
         let looked = connections::each(port, |conn, socket| {
             open += 1;
@@ -593,12 +599,32 @@ impl Watch {
                 self.closing.entry(conn.inode).or_insert_with(Instant::now);
             } else if conn.idle >= READ_TIMEOUT && socket.shutdown(Close::Both).is_ok() {
                 idle += 1;
+            } else if conn.unread && conn.since_received >= UNSERVED_AFTER {
+                unserved += 1;
             }
         });
         if let Err(e) = looked {
             // Out of descriptors: the server restarts tell already.
             log::debug!("cannot look at the HTTP connections: {e}");
             return None;
+        }
+        if unserved > 0 {
+            // Their requests wait in tiny_http's pool for a thread, and every
+            // thread waits on a kept connection: closing the idle ones frees
+            // threads (their clients send the next request on a new one). One
+            // that was never answered may be one whose request a thread has
+            // just taken: it stays.
+            let _ = connections::each(port, |conn, socket| {
+                if conn.established
+                    && !conn.unread
+                    && conn.idle >= UNSERVED_AFTER
+                    && conn.answered
+                    && socket.shutdown(Close::Both).is_ok()
+                {
+                    idle += 1;
+                }
+            });
+            log::debug!("{unserved} HTTP connections wait for a thread of tiny_http's pool");
         }
         if idle > 0 {
             log::debug!("closed {idle} idle HTTP connections");

@@ -762,10 +762,18 @@ fn what_tiny_http_cannot_give_back_is_given_back_in_the_same_process() {
         let idle: Vec<TcpStream> = (0..1000)
             .map(|_| TcpStream::connect(&addr).expect("idle connect"))
             .collect();
-        poll(Duration::from_secs(20), Duration::from_millis(200), || {
-            (threads(pid) > before.1 + 900).then_some(())
+        // Accepted: two descriptors each (tiny_http's pool may queue some
+        // without a thread for a while).
+        poll(Duration::from_secs(30), Duration::from_millis(200), || {
+            (open_fds(pid) > before.0 + 1800).then_some(())
         })
-        .expect("the idle connections were never accepted");
+        .unwrap_or_else(|| {
+            panic!(
+                "the idle connections were never accepted: (descriptors, threads, RSS kB) = {:?}\nstderr:\n{}",
+                footprint(pid),
+                exp.stderr()
+            )
+        });
         drop(idle);
     }
     report.push(("1,000 idle connections", back_to(pid, before, "idle", &exp)));
@@ -844,17 +852,26 @@ fn no_thread_to_start_never_stops_the_exporter() {
     // Two threads more than it has: tiny_http's pool soon cannot start one
     // for a new connection, and a new server cannot start its accept thread.
     cgroup.limit(threads(pid) + 2);
+    // One at a time: tiny_http's pool queues a connection that comes while a
+    // thread it woke has not yet taken the previous one, instead of starting
+    // a thread for it.
     let conns: Vec<TcpStream> = (0..30)
-        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .map(|_| {
+            let c = TcpStream::connect(&addr).expect("connect");
+            thread::sleep(Duration::from_millis(50));
+            c
+        })
         .collect();
     poll(Duration::from_secs(20), Duration::from_millis(100), || {
         exp.stderr().contains("panicked").then_some(())
     })
     .unwrap_or_else(|| {
         panic!(
-            "no thread ever failed to start ({} threads; cgroup {:?}):\n{}",
+            "no thread ever failed to start ({} threads {:?}; cgroup {:?}; descriptors {}):\n{}",
             threads(pid),
+            thread_waits(pid),
             cgroup.state(),
+            open_fds(pid),
             exp.stderr()
         )
     });
@@ -880,4 +897,49 @@ fn no_thread_to_start_never_stops_the_exporter() {
     assert_eq!(exp.pid(), pid);
     drop(cgroup);
     scrape(&addr, &exp);
+}
+
+#[test]
+fn a_burst_of_connections_is_answered_even_when_tiny_http_queues_some() {
+    let stub = Stub::standard();
+    let exp = ready_exporter(&stub);
+    let addr = exp.addr().to_string();
+    // 200 connections at once, each with a request, each kept open after its
+    // answer: tiny_http's pool queues some of them instead of starting a
+    // thread, behind threads that then wait on kept connections.
+    let mut conns: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.ends_with(b"ok\n") {
+            match s.read(&mut chunk) {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                other => {
+                    let after = t.elapsed();
+                    thread::sleep(Duration::from_millis(500));
+                    panic!(
+                        "connection {i} of the burst got no answer after {after:?} ({other:?})\nstderr:\n{}",
+                        exp.stderr()
+                    )
+                }
+            }
+        }
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(5),
+        "the burst's last answer came after {slowest:?}\nstderr:\n{}",
+        exp.stderr()
+    );
+    eprintln!("burst of 200: every answer within {slowest:?}");
 }

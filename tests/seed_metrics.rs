@@ -14,6 +14,11 @@ const TOTAL: &str = "prefect_flow_runs_total";
 const CHECK: &str = "flow-a,flow-b,flow-c,flow-nope";
 const CHECK_LIST: &[&str] = &["flow-a", "flow-b", "flow-c", "flow-nope"];
 const WAIT: Duration = Duration::from_secs(20);
+/// The values, not the timing, are what these tests check: a collection's
+/// deadline is its interval, and at the harness's 2 s a first collection (every
+/// group, the start-up look-ups) sometimes missed it on a loaded 2-core machine,
+/// which counted an error.
+const INTERVAL: (&str, &str) = ("EXPORTER_INTERVAL", "10");
 
 /// Waits for a first collection (the total is never 0 on a seeded server), then
 /// asserts the five gauges and a zero error counter, naming server vs. exporter.
@@ -46,6 +51,7 @@ fn six_metrics_equal_the_seeded_server() {
     let exp = Exporter::spawn(&[
         ("PREFECT_API_URL", &url),
         ("EXPORTER_CHECK_DEPLOYMENTS", CHECK),
+        INTERVAL,
     ]);
     let m = assert_seed_values(&exp, expected, CHECK_LIST);
     assert_eq!(
@@ -60,10 +66,11 @@ fn missing_deployments_is_zero_without_a_list() {
     let server = PrefectServer::shared();
     let expected = support::shared_expected();
     let url = server.api_url();
-    let unset = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
+    let unset = Exporter::spawn(&[("PREFECT_API_URL", &url), INTERVAL]);
     let empty = Exporter::spawn(&[
         ("PREFECT_API_URL", &url),
         ("EXPORTER_CHECK_DEPLOYMENTS", ""),
+        INTERVAL,
     ]);
     for exp in [&unset, &empty] {
         let m = assert_seed_values(exp, expected, &[]);

@@ -32,6 +32,12 @@ pub struct Connection {
     pub established: bool,
     /// Since data last went either way, as the kernel counts it.
     pub idle: Duration,
+    /// Bytes the client sent that nobody has read yet, and since when the last
+    /// ones came: a request that waits so is a connection no thread serves.
+    pub unread: bool,
+    pub since_received: Duration,
+    /// Data has gone to the client: the connection had a thread.
+    pub answered: bool,
 }
 
 /// Every connection accepted on `port`, once each, calling `act` on each with
@@ -132,7 +138,21 @@ fn inspect(socket: &TcpStream, inode: u64, port: u16) -> Option<Connection> {
         idle: Duration::from_millis(u64::from(
             info.tcpi_last_data_recv.min(info.tcpi_last_data_sent),
         )),
+        unread: unread_bytes(socket) > 0,
+        since_received: Duration::from_millis(u64::from(info.tcpi_last_data_recv)),
+        answered: info.tcpi_data_segs_out > 0,
     })
+}
+
+fn unread_bytes(socket: &TcpStream) -> libc::c_int {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, the bytes in the receive queue.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
 }
 
 fn tcp_info(socket: &TcpStream) -> Option<libc::tcp_info> {
