@@ -69,8 +69,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// tiny_http's pool queues a connection that comes while a thread it woke has
 /// not yet taken the previous one, instead of starting a thread, and the
 /// queued one waits until a thread is free, which a kept connection may never
-/// make it. Connections idle for as long are then closed to free threads.
+/// make it.
 const UNSERVED_AFTER: Duration = Duration::from_secs(1);
+/// Connections to ourselves made at most per look, for connections waiting.
+const WAKES_AT_MOST: usize = 64;
 /// How often the connections are looked at (idle ones closed, stuck ones
 /// counted): a directory listing and five system calls per connection.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -295,6 +297,17 @@ fn install_panic_hook() {
 pub fn serve(listener: &TcpListener, metrics: &Metrics, shutdown: &Shutdown) {
     install_panic_hook();
     let port = listener.local_addr().map_or(0, |a| a.port());
+    // Where a connection to ourselves goes: the listener's address, or
+    // loopback when it listens on every interface.
+    let wake_to = listener.local_addr().ok().map(|mut a| {
+        if a.ip().is_unspecified() {
+            a.set_ip(match a {
+                SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        a
+    });
     let mut restarts = Throttle(None);
     let Some(server) = start(listener, shutdown, &mut restarts) else {
         return;
@@ -368,7 +381,7 @@ pub fn serve(listener: &TcpListener, metrics: &Metrics, shutdown: &Shutdown) {
             trim_malloc();
             http.stalled.expire();
             servers.forget_idle();
-            if let Some(why) = watch.look(port) {
+            if let Some(why) = watch.look(port, wake_to) {
                 heal_now(listener, &servers, &mut http, &why);
                 watch.heal_failed();
             }
@@ -570,6 +583,8 @@ struct Watch {
     kept_looks: u32,
     /// Looks in a row with more than `SPARE_THREADS` threads to spare.
     spare_looks: u32,
+    /// Looks in a row that found requests waiting for a thread.
+    unserved_looks: u32,
     /// No new attempt to start afresh before this, after one failed.
     not_before: Option<Instant>,
 }
@@ -585,7 +600,7 @@ impl Watch {
     }
 
     /// Why the exporter must start afresh now, if it must.
-    fn look(&mut self, port: u16) -> Option<String> {
+    fn look(&mut self, port: u16, wake_to: Option<SocketAddr>) -> Option<String> {
         if self.last.is_some_and(|t| t.elapsed() < WATCH_EVERY) {
             return None;
         }
@@ -609,22 +624,22 @@ impl Watch {
             return None;
         }
         if unserved > 0 {
-            // Their requests wait in tiny_http's pool for a thread, and every
-            // thread waits on a kept connection: closing the idle ones frees
-            // threads (their clients send the next request on a new one). One
-            // that was never answered may be one whose request a thread has
-            // just taken: it stays.
-            let _ = connections::each(port, |conn, socket| {
-                if conn.established
-                    && !conn.unread
-                    && conn.idle >= UNSERVED_AFTER
-                    && conn.answered
-                    && socket.shutdown(Close::Both).is_ok()
-                {
-                    idle += 1;
-                }
-            });
+            // Their connections wait in tiny_http's pool for a thread. A
+            // connection to ourselves that ends at once makes the pool start
+            // (or wake) a thread for it, which then takes the first one
+            // waiting. Should that not do, every thread is held for good (a
+            // deadlock), and only starting afresh frees one.
             log::debug!("{unserved} HTTP connections wait for a thread of tiny_http's pool");
+            for _ in 0..unserved.min(WAKES_AT_MOST) {
+                if let Some(to) = wake_to {
+                    if let Ok(s) = std::net::TcpStream::connect_timeout(&to, TICK) {
+                        let _ = s.shutdown(Close::Both);
+                    }
+                }
+            }
+            self.unserved_looks += 1;
+        } else {
+            self.unserved_looks = 0;
         }
         if idle > 0 {
             log::debug!("closed {idle} idle HTTP connections");
@@ -640,6 +655,12 @@ impl Watch {
         }
         if self.not_before.is_some_and(|t| Instant::now() < t) {
             return None;
+        }
+        if self.unserved_looks >= 3 {
+            return Some(format!(
+                "{unserved} HTTP requests wait for a thread, and every thread of tiny_http's \
+                 pool is held"
+            ));
         }
         let stuck = self
             .closing

@@ -36,8 +36,6 @@ pub struct Connection {
     /// ones came: a request that waits so is a connection no thread serves.
     pub unread: bool,
     pub since_received: Duration,
-    /// Data has gone to the client: the connection had a thread.
-    pub answered: bool,
 }
 
 /// Every connection accepted on `port`, once each, calling `act` on each with
@@ -140,7 +138,6 @@ fn inspect(socket: &TcpStream, inode: u64, port: u16) -> Option<Connection> {
         )),
         unread: unread_bytes(socket) > 0,
         since_received: Duration::from_millis(u64::from(info.tcpi_last_data_recv)),
-        answered: info.tcpi_data_segs_out > 0,
     })
 }
 
