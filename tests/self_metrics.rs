@@ -327,8 +327,14 @@ fn process_metrics_follow_the_exporter_process() {
     assert!(base_fds >= 3.0, "open fds {base_fds}");
     assert!(base_threads >= 3.0, "threads {base_threads}");
     const IDLE: usize = 24;
+    // One at a time: tiny_http's pool queues, without a thread, a connection
+    // that comes while a thread it woke has not yet taken the previous one.
     let idle: Vec<std::net::TcpStream> = (0..IDLE)
-        .map(|_| std::net::TcpStream::connect(exp.addr()).expect("connect"))
+        .map(|_| {
+            let c = std::net::TcpStream::connect(exp.addr()).expect("connect");
+            std::thread::sleep(Duration::from_millis(20));
+            c
+        })
         .collect();
     // tiny_http holds two descriptors per connection, and keeps up to
     // `SPARE_THREADS` idle threads (counted in the base) that take the first
