@@ -13,7 +13,7 @@ mod support;
 #[path = "../src/collect/rfc3339.rs"]
 mod rfc3339;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -194,4 +194,81 @@ fn late_counts_per_deployment_and_queue_follow_a_backdated_late_run() {
     ]);
     let m = exp.wait_for(all_groups_ok, WAIT);
     assert_eq!(m.get("prefect_late_flow_runs"), Some(&2.0));
+}
+
+/// `prefect_flow_runs` by (type, name), for the names given.
+fn per_state(m: &Metrics, names: &[&str]) -> BTreeMap<(String, String), f64> {
+    let mut out = BTreeMap::new();
+    for (k, v) in m {
+        let Some(labels) = k.strip_prefix("prefect_flow_runs{") else {
+            continue;
+        };
+        let get = |key: &str| {
+            let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
+            let end = labels[start..].find('"')? + start;
+            Some(labels[start..end].to_string())
+        };
+        if let (Some(t), Some(n)) = (get("state_type"), get("state_name")) {
+            if names.contains(&n.as_str()) {
+                out.insert((t, n), *v);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_custom_name_under_a_second_state_type_is_counted_on_its_own() {
+    support::require_prefect!();
+    let api = server().api();
+    let flow = api.create_flow("exact-names");
+    let d = api.create_deployment(&flow, "names", None);
+    api.create_flow_runs_bulk(&d, &[("COMPLETED", "Skipped"), ("COMPLETED", "Skipped")]);
+    // Reuse off, and the method a high-latency link would pick
+    // (EXPORTER_FLOW_RUNS_READ was removed; it is accepted with a warning).
+    let exp = spawn(&[
+        ("EXPORTER_INTERVAL", "2"),
+        ("EXPORTER_COLLECTORS", "flow_runs"),
+        ("EXPORTER_FLOW_RUNS_MAX_AGE", "0"),
+        ("EXPORTER_FLOW_RUNS_READ", "names"),
+    ]);
+    let pair = |t: &str| (t.to_string(), "Skipped".to_string());
+    let m = exp.wait_for(
+        |m| per_state(m, &["Skipped"]).get(&pair("COMPLETED")) == Some(&2.0),
+        WAIT,
+    );
+    assert_eq!(
+        per_state(&m, &["Skipped"]),
+        BTreeMap::from([(pair("COMPLETED"), 2.0)])
+    );
+    between_collections(&exp, || {
+        api.create_flow_runs_bulk(&d, &[("CANCELLED", "Skipped"); 3]);
+    });
+    let m = after_next_collections(&exp);
+    assert_eq!(
+        per_state(&m, &["Skipped"]),
+        BTreeMap::from([(pair("CANCELLED"), 3.0), (pair("COMPLETED"), 2.0)]),
+        "each (type, name) pair on its own"
+    );
+    assert!(
+        m["prefect_flow_runs_age_seconds"] < 1.0,
+        "read in each collection"
+    );
+    // The per-state counts add up to the total, as the server counts it.
+    let sum: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("prefect_flow_runs{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(Some(&sum), m.get("prefect_flow_runs_total"));
+    let stderr = exp.stderr();
+    let warned: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("EXPORTER_FLOW_RUNS_READ"))
+        .collect();
+    assert_eq!(
+        warned.len(),
+        1,
+        "one WARN line for the removed setting:\n{stderr}"
+    );
 }

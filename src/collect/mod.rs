@@ -173,7 +173,6 @@ pub fn collect_all(
             flow_runs::collect(
                 client,
                 config.flow_runs_max_age,
-                config.flow_runs_read,
                 &mut state.flow_runs,
                 deadline,
             )
