@@ -272,3 +272,110 @@ fn a_custom_name_under_a_second_state_type_is_counted_on_its_own() {
         "one WARN line for the removed setting:\n{stderr}"
     );
 }
+
+fn time(v: &Value) -> Option<f64> {
+    v.as_str().and_then(rfc3339::parse)
+}
+
+/// The server's runs in progress of one deployment: per state type, the
+/// count and the oldest entry time (RUNNING: the start; PENDING: the state's
+/// time).
+fn active_truth(api: &Api, deployment: &str) -> BTreeMap<String, (f64, f64)> {
+    let runs = api.ok(
+        "POST",
+        "/flow_runs/filter",
+        Some(
+            &json!({"flow_runs": {"deployment_id": {"any_": [deployment]},
+                     "state": {"type": {"any_": ["PENDING", "RUNNING"]}}}, "limit": 200}),
+        ),
+    );
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for r in runs.as_array().expect("runs") {
+        let t = r["state_type"].as_str().expect("type").to_string();
+        let entered = if t == "RUNNING" {
+            time(&r["start_time"])
+        } else {
+            time(&r["state"]["timestamp"])
+        }
+        .expect("an entry time");
+        let e = out.entry(t).or_insert((0.0, entered));
+        e.0 += 1.0;
+        e.1 = e.1.min(entered);
+    }
+    out
+}
+
+fn assert_active(m: &Metrics, api: &Api, deployment_id: &str) {
+    let truth = active_truth(api, deployment_id);
+    for t in ["PENDING", "RUNNING"] {
+        let labels = [
+            ("deployment", "active"),
+            ("flow", "exact-active"),
+            ("state_type", t),
+        ];
+        let (count, oldest) = truth[t];
+        assert_eq!(
+            m.get(&series("prefect_deployment_active_flow_runs", &labels)),
+            Some(&count),
+            "{t} count"
+        );
+        let shown = m
+            .get(&series(
+                "prefect_deployment_oldest_active_flow_run_timestamp_seconds",
+                &labels,
+            ))
+            .copied()
+            .unwrap_or_else(|| panic!("no oldest {t} time"));
+        assert!(
+            (shown - oldest).abs() < 1e-3,
+            "{t}: oldest entry shown {shown}, the server's {oldest}"
+        );
+    }
+}
+
+#[test]
+fn a_run_back_in_pending_shows_its_new_entry_time() {
+    support::require_prefect!();
+    let api = server().api();
+    let flow = api.create_flow("exact-active");
+    let d = api.create_deployment(&flow, "active", None);
+    // The oldest pending run first, then enough runs in progress for the
+    // previous update in place to start.
+    let oldest = create_run(&api, &d, json!({"type": "PENDING", "name": "Pending"}));
+    let mut states = vec![("PENDING", "Pending"); 30];
+    states.extend([("RUNNING", "Running"); 30]);
+    let ids = api.create_flow_runs_bulk(&d, &states);
+    let exp = spawn(&[
+        ("EXPORTER_INTERVAL", "3"),
+        ("EXPORTER_COLLECTORS", "active_flow_runs"),
+    ]);
+    let m = exp.wait_for(all_groups_ok, WAIT);
+    assert_active(&m, &api, &d);
+    // The oldest pending run goes round to Pending again.
+    between_collections(&exp, || {
+        set_state(&api, &oldest, json!({"type": "RUNNING", "name": "Running"}));
+        set_state(&api, &oldest, json!({"type": "PENDING", "name": "Pending"}));
+    });
+    let m = after_next_collections(&exp);
+    assert_active(&m, &api, &d);
+
+    // Runs end, start, go away and arrive in the same interval.
+    between_collections(&exp, || {
+        set_state(
+            &api,
+            &ids[1],
+            json!({"type": "COMPLETED", "name": "Completed"}),
+        );
+        set_state(&api, &ids[2], json!({"type": "RUNNING", "name": "Running"}));
+        set_state(
+            &api,
+            &ids[40],
+            json!({"type": "PENDING", "name": "Pending"}),
+        );
+        api.delete_flow_run(&ids[3]);
+        create_run(&api, &d, json!({"type": "PENDING", "name": "Pending"}));
+    });
+    let m = after_next_collections(&exp);
+    assert_active(&m, &api, &d);
+    assert_eq!(m.get("prefect_active_flow_runs_capped"), Some(&0.0));
+}

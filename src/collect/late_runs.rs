@@ -15,8 +15,9 @@
 //! The known runs are distinct, so S of them are still late and T - S late
 //! runs are not known. When S equals the number known and T - S is 0 (or the
 //! cap is already full), the set is the known one, exactly: 2 requests. When
-//! S is smaller, the known runs that left Late come back from one listing of
-//! the known ids in another state name (only those runs); when T - S is not 0
+//! S is smaller, the known runs that left Late come back from a listing of
+//! the known ids in another state name (only those runs, one page per 200);
+//! when T - S is not 0
 //! and the cap allows, the late runs not known come back from one listing
 //! `id.not_any_` the known ones (only those runs). A result that does not add
 //! up (a run deleted, or a change between two of these requests) lists the
@@ -37,16 +38,12 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
-use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, PAGE};
+use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT};
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::LateRunsSummary;
 
 const LATE_NAME: [&str; 1] = ["Late"];
 const LATE: States = States::Names(&LATE_NAME);
-
-/// Known ids per `id.any_` count: one request with the default cap, and a
-/// bound on each request's size (39 kB) and on the SQL parameters it takes.
-const IDS_PER_COUNT: usize = 1000;
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LateRuns {
@@ -176,11 +173,11 @@ fn update(
     };
     let mut left: Vec<String> = Vec::new();
     if still < ids.len() as u64 {
-        for chunk in ids.chunks(PAGE) {
+        for chunk in ids.chunks(IDS_PER_COUNT) {
             let (runs, _) = listing::runs_where(
                 client,
                 &left_late(chunk),
-                PAGE,
+                chunk.len(),
                 |r: &LateRun| &r.id,
                 deadline,
             )?;
