@@ -151,7 +151,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "EXPORTER_MAX_LISTED_RUNS",
         "1000",
-        "most late runs, and most runs in progress, listed per collection (200 per request); past it the series say so",
+        "most late runs, and most runs in progress, known and counted per deployment (listed 200 per request when they change); past it the totals stay exact and the series say so",
     ),
     (
         "EXPORTER_EVENTS_SETTLE",
@@ -209,7 +209,7 @@ pub struct Config {
     pub lookback: Duration,
     /// Cap on the deployments that get per-deployment series.
     pub max_deployments: usize,
-    /// Cap on the late runs and on the runs in progress listed per collection.
+    /// Cap on the late runs and on the runs in progress known (and listed when they change).
     pub max_listed_runs: usize,
     /// Settle delay of the state-change counters.
     pub events_settle: Duration,
