@@ -10,16 +10,16 @@
 //! late set:
 //! - T = `POST /flow_runs/count` of the `Late` runs (2-5 ms of server CPU);
 //! - S = the same count restricted to the known ids (`id.any_`, 1,000 ids per
-//!   request), which the primary key answers (a few ms).
+//!   request; a count, so a few ms whatever it matches).
 //!
 //! The known runs are distinct, so S of them are still late and T - S late
 //! runs are not known. When S equals the number known and T - S is 0 (or the
 //! cap is already full), the set is the known one, exactly: 2 requests. When
 //! S is smaller, the known runs that left Late come back from a listing of
 //! the known ids in another state name (only those runs, one page per 200);
-//! when T - S is not 0
-//! and the cap allows, the late runs not known come back from one listing
-//! `id.not_any_` the known ones (only those runs). A result that does not add
+//! when T - S is not 0 and the cap allows, the late runs not known come back
+//! from a listing `id.not_any_` the known ones (only those runs). A result
+//! that does not add
 //! up (a run deleted, or a change between two of these requests) lists the
 //! late runs whole, as does the first collection and the one after a failure:
 //! min(ceil(T/200), ceil(C/200)) pages of `POST /flow_runs/filter`, with the
