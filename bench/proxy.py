@@ -8,8 +8,8 @@ forwards every request unchanged (method, path, body, headers except hop-by-hop
 ones) to UPSTREAM_BASE, counting requests per "METHOD /path". The exporter is
 pointed at it with PREFECT_API_URL=http://127.0.0.1:<port>/api.
 
-GET /__bench/counts answers the counts as JSON ({"total": n, "by_path": {...}})
-and is neither forwarded nor counted.
+GET /__bench/counts answers the counts as JSON ({"total": n, "by_path": {...},
+"bytes": answer bytes in all}) and is neither forwarded nor counted.
 
 Only the request COUNT is taken through this proxy: it adds latency, so the
 timing figures of the benchmark are measured without it.
@@ -39,6 +39,7 @@ HOP_BY_HOP = {
 LOCK = threading.Lock()
 COUNTS = {}
 TOTAL = 0
+BYTES = 0
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -58,11 +59,12 @@ class Handler(BaseHTTPRequestHandler):
         return conn
 
     def _handle(self):
-        global TOTAL
+        global TOTAL, BYTES
         path_only = self.path.split("?", 1)[0]
         if path_only == "/__bench/counts":
             with LOCK:
-                body = json.dumps({"total": TOTAL, "by_path": COUNTS}).encode()
+                body = json.dumps({"total": TOTAL, "by_path": COUNTS,
+                                   "bytes": BYTES}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -90,6 +92,8 @@ class Handler(BaseHTTPRequestHandler):
                 if attempt == 1:
                     self.send_error(502, "upstream failed")
                     return
+        with LOCK:
+            BYTES += len(data)
         self.send_response(resp.status, resp.reason)
         for k, v in resp.getheaders():
             if k.lower() not in HOP_BY_HOP and k.lower() not in ("date", "server"):

@@ -74,7 +74,6 @@ const FAMILIES: &[&str] = &[
     "prefect_late_flow_runs",
     "prefect_late_flow_runs_listed",
     "prefect_late_flow_runs_capped",
-    "prefect_late_flow_runs_listing_age_seconds",
     "prefect_work_queues",
     "prefect_work_queue_info",
     "prefect_work_queue_last_polled_timestamp_seconds",

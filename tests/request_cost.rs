@@ -93,27 +93,41 @@ impl Drop for CountingProxy {
 }
 
 /// The run listings and counts of different groups share a path: tell the
-/// late-run ones (a state-name filter on Late; the count of those expected
-/// after the newest one listed is the fingerprint of the late set) and the
-/// runs in progress (PENDING and RUNNING; when updated in place, the new ones
-/// and the known ones that moved to another state name) apart.
+/// late-run ones (a state-name filter on Late; by id: the known ones still
+/// late, the late ones not known, the known ones that left) and the runs in
+/// progress (PENDING and RUNNING; by id: the known ones still in their type,
+/// those that moved, the new ones, the oldest ones read again, and the runs
+/// of deployments listed again) apart.
 fn purpose(path: &str, body: &str) -> &'static str {
+    let ids_in = body.contains(r#""id":{"any_""#);
+    let ids_out = body.contains(r#""id":{"not_any_""#);
     if !path.starts_with("/flow_runs/") {
         ""
     } else if body.contains(r#""name":{"any_":["Late"]}"#) && !body.contains("deployment_id") {
-        if body.contains("expected_start_time") {
-            " (late newer)"
-        } else {
-            " (late)"
+        match (ids_in, ids_out) {
+            (true, _) => " (late known)",
+            (_, true) => " (late new)",
+            _ => " (late)",
         }
+    } else if ids_in && body.contains(r#""name":{"not_any_":["Late"]}"#) {
+        " (late left)"
     } else if body.contains(r#""type":{"any_":["PENDING","RUNNING"]}"#) {
-        if body.contains(r#""id":{"not_any_""#) {
+        if ids_out {
             " (active new)"
+        } else if body.contains("deployment_id") {
+            " (active deployments)"
         } else {
             " (active)"
         }
-    } else if body.contains(r#""id":{"any_""#) && body.contains(r#""name":{"not_any_""#) {
+    } else if ids_in
+        && (body.contains(r#""type":{"any_":["PENDING"]}"#)
+            || body.contains(r#""type":{"any_":["RUNNING"]}"#))
+    {
+        " (active known)"
+    } else if ids_in && body.contains(r#""type":{"not_any_""#) {
         " (active moved)"
+    } else if ids_in && !body.contains("state") {
+        " (active oldest)"
     } else {
         ""
     }
@@ -461,12 +475,12 @@ fn steady_state_requests_do_not_grow_with_history() {
         total(&first_big)
     );
     // Every path costs the same: the late-run listing (one page per 200 late
-    // runs) is reused while the late set is unchanged, and a steady
-    // collection counts the late runs expected after the newest one listed.
+    // runs) is sent when the late set changed, and a steady collection proves
+    // it unchanged by the count of the known late runs still late.
     const LATE_PAGES: &str = "POST /flow_runs/filter (late)";
-    const LATE_NEWER: &str = "POST /flow_runs/count (late newer)";
+    const LATE_KNOWN: &str = "POST /flow_runs/count (late known)";
     assert_eq!(small.get(LATE_PAGES), None, "{small:?}");
-    assert_eq!(small.get(LATE_NEWER), Some(&1), "{small:?}");
+    assert_eq!(small.get(LATE_KNOWN), Some(&1), "{small:?}");
     for (name, big) in [("new", &big_fresh), ("running", &big_running)] {
         assert_eq!(&small, big, "100 vs 2,000 runs, {name} exporter");
     }
@@ -548,9 +562,9 @@ fn steady_state_requests_do_not_grow_with_history() {
 
 /// An incident: 100 deployments each get 3 late runs. The steady collection
 /// sends 1 request more than with none late (1 count always; then the count
-/// of those expected after the newest one listed), the listing (2 pages for 300 runs) is sent when the runs became
-/// late and every late-run series is exact; with the cap at 200 runs, one
-/// page only, and the cap series says so.
+/// of the known late runs still late), the listing (2 pages for 300 runs) is
+/// sent when the runs became late and every late-run series is exact; with
+/// the cap at 200 runs, one page only, and the cap series says so.
 #[test]
 fn late_runs_cost_one_page_per_200_and_stop_at_the_cap() {
     support::require_prefect!();
@@ -607,21 +621,28 @@ fn late_runs_cost_one_page_per_200_and_stop_at_the_cap() {
         total(&incident_capped)
     );
     const LATE_PAGES: &str = "POST /flow_runs/filter (late)";
-    const LATE_NEWER: &str = "POST /flow_runs/count (late newer)";
+    const LATE_KNOWN: &str = "POST /flow_runs/count (late known)";
     assert_eq!(
         total(&incident),
         total(&calm) + 1,
         "{incident:?} vs {calm:?}"
     );
-    assert_eq!(incident.get(LATE_NEWER), Some(&1), "{incident:?}");
+    assert_eq!(incident.get(LATE_KNOWN), Some(&1), "{incident:?}");
     assert_eq!(incident.get(LATE_PAGES), None, "{incident:?}");
     assert_eq!(
         incident_capped, incident,
-        "the listing is reused, capped too"
+        "proved unchanged, capped too (the known 200 are still late)"
     );
-    // The listing was sent: 2 pages for the 300 runs, 1 at the cap of 200
-    // (again only if a collection failed meanwhile).
-    let pages = |p: &CountingProxy| p.counts().get(LATE_PAGES).copied().unwrap_or(0);
+    // The runs were listed as they became late (they are created over a few
+    // collections): whole, then the ones not known, 2 pages or more for the
+    // 300 runs, 1 or more at the cap of 200.
+    let pages = |p: &CountingProxy| {
+        let c = p.counts();
+        [LATE_PAGES, "POST /flow_runs/filter (late new)"]
+            .iter()
+            .map(|k| c.get(*k).copied().unwrap_or(0))
+            .sum::<u64>()
+    };
     let (listed, listed_capped) = (pages(&proxy), pages(&proxy_capped));
     assert!(listed >= 2, "{listed} late pages");
     assert!(listed_capped >= 1, "{listed_capped} late pages at the cap");
@@ -988,14 +1009,15 @@ fn active_shown(
     out
 }
 
-/// Issue 16: with many runs in progress, a steady collection does not list
-/// them whole (0.3 ms of server CPU per run) but updates the last listing: one
-/// count, the new runs, and per state name the known runs that left it. After
-/// runs end, start, change state name and appear, every series is exact
-/// without a whole listing; a deleted run brings one, and the collections
-/// after it are updates again.
+/// Issues 16 and 23: with many runs in progress, a steady collection does not
+/// list them whole (0.3 ms of server CPU per run) but proves the known ones
+/// unchanged: one count, the known runs still in their type (one count per
+/// type), and the oldest pending run per deployment read again. After runs
+/// end, start, change state name and appear, every series is exact without a
+/// whole listing; a deleted run brings one, and the collections after it are
+/// proofs again.
 #[test]
-fn many_runs_in_progress_are_updated_in_place_and_stay_exact() {
+fn many_runs_in_progress_are_proved_unchanged_and_stay_exact() {
     support::require_prefect!();
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
@@ -1025,12 +1047,13 @@ fn many_runs_in_progress_are_updated_in_place_and_stay_exact() {
             );
         }
     };
-    // One collection that lists, then updates: a count, the new runs (none),
-    // and the known runs that left "Pending" and "Running" (none).
+    // One collection that lists, then proofs: a count, the known runs still
+    // PENDING and still RUNNING, and the oldest PENDING run of "queued" (a
+    // RUNNING run's start never moves).
     let update = Counts::from([
         ("POST /flow_runs/count (active)".to_string(), 1),
-        ("POST /flow_runs/filter (active moved)".to_string(), 2),
-        ("POST /flow_runs/filter (active new)".to_string(), 1),
+        ("POST /flow_runs/count (active known)".to_string(), 2),
+        ("POST /flow_runs/filter (active oldest)".to_string(), 1),
     ]);
     let steady = |exp: &Exporter| {
         after_change(exp, &proxy, || {})
@@ -1047,7 +1070,7 @@ fn many_runs_in_progress_are_updated_in_place_and_stay_exact() {
     assert_eq!(m["prefect_active_flow_runs_capped"], 0.0);
 
     // Right after a collection (the next one is an interval away): runs end,
-    // start, change state name and appear, the total staying 80. The update
+    // start, change state name and appear, the total staying 80. The proof
     // sees all of it: exact series without listing the runs whole again.
     let whole = || {
         proxy
@@ -1077,31 +1100,9 @@ fn many_runs_in_progress_are_updated_in_place_and_stay_exact() {
     let truth = exact(&exp);
     assert_eq!(truth[&(busy.clone(), "RUNNING".to_string())].0, 56);
     assert_eq!(whole(), listed + 1);
-    // Updates again, with a third state name among the known runs.
-    let mut update = update;
-    update.insert("POST /flow_runs/filter (active moved)".to_string(), 3);
+    // Proofs again: the same requests, whatever the state names.
     assert_eq!(steady(&exp), update);
     assert_eq!(exp.metrics()["prefect_active_flow_runs_listed"], 79.0);
-}
-
-/// The `prefect_flow_runs` series as (type, name) -> count.
-fn per_state(m: &std::collections::HashMap<String, f64>) -> BTreeMap<(String, String), u64> {
-    let mut out = BTreeMap::new();
-    for (k, v) in m {
-        let Some(labels) = k.strip_prefix("prefect_flow_runs{") else {
-            continue;
-        };
-        let label = |name: &str| {
-            let start = labels.find(&format!("{name}=\"")).expect(name) + name.len() + 2;
-            labels[start..]
-                .split('"')
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        };
-        out.insert((label("state_type"), label("state_name")), *v as u64);
-    }
-    out
 }
 
 /// Waits for a collection to end, makes `change` (the next collection is an
@@ -1112,116 +1113,4 @@ fn after_change(exp: &Exporter, proxy: &CountingProxy, change: impl FnOnce()) ->
     let (_, errors_after, after) = counts_after_collection(exp, proxy);
     assert_eq!(errors, errors_after, "{}", exp.stderr());
     diff(&after, &before)
-}
-
-fn count_requests(c: &Counts) -> u64 {
-    c.iter()
-        .filter(|(k, _)| k.starts_with("POST /flow_runs/count"))
-        .map(|(_, v)| v)
-        .sum()
-}
-
-/// Issue 16: the per-state breakdown by one count per state name
-/// (EXPORTER_FLOW_RUNS_READ=names; `auto` picks it when it takes less time
-/// than the history, on large histories) is exact, custom names included: a
-/// run in a name not counted yet is seen by the count of the other names, and
-/// the history read in the same collection names it; a custom name emptied is
-/// no longer counted. With `history`, no count by name is sent.
-#[test]
-fn per_state_counts_by_name_are_exact_and_find_new_custom_names() {
-    support::require_prefect!();
-    let server = PrefectServer::start(ServerOptions::default());
-    let api = server.api();
-    let flow = api.create_flow("etl");
-    let daily = api.create_deployment(&flow, "daily", None);
-    let custom = api.create_flow_runs_bulk(
-        &daily,
-        &[
-            ("COMPLETED", "Completed"),
-            ("COMPLETED", "Completed"),
-            ("FAILED", "Failed"),
-            ("SCHEDULED", "Late"),
-            ("FAILED", "MyCustomFail"),
-            ("FAILED", "MyCustomFail"),
-        ],
-    )[4..]
-        .to_vec();
-    let proxy = CountingProxy::start(server.port());
-    let exp = spawn_with(
-        &proxy,
-        &[
-            ("EXPORTER_COLLECTORS", "flow_runs"),
-            ("EXPORTER_FLOW_RUNS_READ", "names"),
-        ],
-    );
-    // Every series is the server's count of its name, and they add up.
-    let exact = |m: &std::collections::HashMap<String, f64>| {
-        let shown = per_state(m);
-        for ((_, name), n) in &shown {
-            assert_eq!(*n, api.count_by_names(&[name]), "{name}: {shown:?}");
-        }
-        let sum: u64 = shown.values().sum();
-        assert_eq!(sum, api.count_flow_runs(&json!({})), "{shown:?}");
-        shown
-    };
-    let state = |t: &str, n: &str| (t.to_string(), n.to_string());
-    // 4 seed counts, 19 Prefect state names, the custom ones, the others.
-    let names_read = |custom: u64| 4 + 19 + custom + 1;
-    let steady = after_change(&exp, &proxy, || {});
-    let shown = exact(&exp.metrics());
-    assert_eq!(shown[&state("FAILED", "MyCustomFail")], 2);
-    assert_eq!(shown.len(), 20);
-    assert_eq!(steady.get("POST /flow_runs/history"), None, "{steady:?}");
-    assert_eq!(count_requests(&steady), names_read(1), "{steady:?}");
-
-    // A run in a new custom name: the count of the others sees it, the
-    // history names it (one collection), then it is counted by name.
-    let found = after_change(&exp, &proxy, || {
-        api.create_flow_run(&flow, Some(&daily), "SCHEDULED", "Quarantined");
-    });
-    assert_eq!(found.get("POST /flow_runs/history"), Some(&1), "{found:?}");
-    assert_eq!(count_requests(&found), names_read(1), "{found:?}");
-    let shown = exact(&exp.metrics());
-    assert_eq!(shown[&state("SCHEDULED", "Quarantined")], 1);
-    let steady = after_change(&exp, &proxy, || {});
-    assert_eq!(steady.get("POST /flow_runs/history"), None, "{steady:?}");
-    assert_eq!(count_requests(&steady), names_read(2), "{steady:?}");
-
-    // The custom name empties: shown no more, counted no more.
-    after_change(&exp, &proxy, || {
-        for id in &custom {
-            api.set_flow_run_state(id, "COMPLETED", "Completed", true);
-        }
-    });
-    let shown = exact(&exp.metrics());
-    assert!(
-        !shown.contains_key(&state("FAILED", "MyCustomFail")),
-        "{shown:?}"
-    );
-    assert_eq!(shown[&state("COMPLETED", "Completed")], 4);
-    let steady = after_change(&exp, &proxy, || {});
-    assert_eq!(count_requests(&steady), names_read(1), "{steady:?}");
-
-    // EXPORTER_FLOW_RUNS_READ=history: never a count by name, from the first
-    // collection on (`auto` reads both ways first), and the same series.
-    let proxy_history = CountingProxy::start(server.port());
-    let history = spawn_with(
-        &proxy_history,
-        &[
-            ("EXPORTER_COLLECTORS", "flow_runs"),
-            ("EXPORTER_FLOW_RUNS_READ", "history"),
-        ],
-    );
-    let (n, _, all) = counts_after_collection(&history, &proxy_history);
-    assert_eq!(
-        count_requests(&all),
-        4 * n as u64,
-        "seed counts only: {all:?}"
-    );
-    assert_eq!(
-        all.get("POST /flow_runs/history"),
-        Some(&(n as u64)),
-        "{all:?}"
-    );
-    assert_eq!(exact(&history.metrics()), exact(&exp.metrics()));
 }

@@ -5,41 +5,51 @@
 //! its `start_time`; PENDING: its state's `timestamp`, as a PENDING run has no
 //! start).
 //!
-//! Cost per collection with A runs in PENDING or RUNNING: max(1, ceil(A/200))
-//! pages of `POST /flow_runs/filter`, at most ceil(C/200) with the cap C
-//! (EXPORTER_MAX_LISTED_RUNS). A is bounded by what the workers run at once,
-//! not by the run history. Past the cap, the series cover the listed runs and
-//! `prefect_active_flow_runs_capped` is 1.
+//! Each run listed costs the server about 0.3-0.5 ms of CPU and 2 kB (a full
+//! run, with its state and parameters), and a neglected server holds
+//! thousands of runs left in progress by dead infrastructure, so listing them
+//! every collection (up to the cap, 5 pages) was most of a collection's cost.
+//! Instead the collector keeps the runs in progress it knows (id, deployment,
+//! state type, entry time) and proves at each collection that they are still
+//! what the series show, exactly:
+//! - T = one count of the runs in PENDING or RUNNING;
+//! - per state type, the count of the known runs of that type still in it
+//!   (`id.any_`, 1,000 ids per request);
+//! - the entry time of the oldest known run per deployment and state type,
+//!   read again (`id.any_`, one page per 200 such runs), unless it is a RUNNING
+//!   run's `start_time`, which Prefect sets once and never moves.
 //!
-//! Each run listed costs the server about 0.3 ms of CPU (a full run, with its
-//! state and parameters), so many runs in progress make the listing the
-//! largest request of a collection (44 ms for 143 runs, measured). Runs in
-//! progress mostly stay so from one collection to the next, so once the last
-//! listing holds enough of them (`pays_to_update`), it is updated in place
-//! instead: one count of the runs in progress, the runs in progress not among
-//! those known (`id.not_any_`), and per state name among the known runs, those
-//! of them now in another state name (`id.any_` and `state.name.not_any_`,
-//! one request per 200). Only what changed comes back, 3-4 ms of server CPU
-//! per request. When the updated set does not add up to the count (a run
-//! deleted, or one that changed between two of these requests), past the cap,
-//! after a failure, and once the listing is `LISTING_MAX_AGE` old, the runs are
-//! listed whole again. A run's deployment never changes, a RUNNING run's start
-//! time neither, and a run changing state gets a new state name or type
-//! (Prefect refuses PENDING to PENDING), so the update sees every change the
-//! series show, except a round trip back to the same state name between two
-//! collections (a PENDING run's time of entry then moves on), which the next
-//! whole listing corrects.
+//! The known runs are distinct, so when both counts equal the runs known of
+//! each type and T equals them together, the set and the types are the
+//! server's. Entry times only move forward (the server stamps every state it
+//! stores, and a request cannot give one), so while the oldest known run of a
+//! deployment and type keeps its entry time, no other run of it can be older:
+//! that minimum is exact without reading them. That covers a run that goes
+//! round to the same state between two collections (Pending -> Running ->
+//! Pending), which no filter can see.
+//!
+//! What changed costs only what changed: the known runs no longer in their
+//! type come back from one listing (`id.any_` + `state.type.not_any_`), the
+//! runs in progress not known from one listing (`id.not_any_`), and a
+//! deployment whose oldest run moved on is listed again (`deployment_id.any_`).
+//! A result that does not add up (a run deleted, or a change between two of
+//! these requests) lists the runs in progress whole, as do the first
+//! collection, the one after a failure, and every collection while fewer
+//! than `PROVE_FROM` runs are in progress (one page costs less then): max(1, ceil(A/200)) pages of `POST
+//! /flow_runs/filter`, at most ceil(C/200) with the cap C
+//! (EXPORTER_MAX_LISTED_RUNS). Past the cap, the series cover the known runs
+//! (at most C) and `prefect_active_flow_runs_capped` is 1.
 //!
 //! Series exist for the deployments that get per-deployment series (at most
 //! EXPORTER_MAX_DEPLOYMENTS), both state types always (0 when none), so an
 //! alert needs no `absent()`; the oldest time only while a run is there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use serde::Deserialize;
 
-use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, LISTING_MAX_AGE, PAGE};
+use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT, PAGE};
 use super::rfc3339;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::{ActiveRunsPart, ActiveRunsSeries, DeploymentSeries};
@@ -47,21 +57,19 @@ use crate::snapshot::{ActiveRunsPart, ActiveRunsSeries, DeploymentSeries};
 pub const ACTIVE_TYPES: [&str; 2] = ["PENDING", "RUNNING"];
 const ACTIVE: States = States::Types(&ACTIVE_TYPES);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone, PartialEq)]
 struct ActiveRun {
     id: String,
     #[serde(default)]
     deployment_id: Option<String>,
     state_type: String,
     #[serde(default)]
-    state_name: Option<String>,
-    #[serde(default)]
     start_time: Option<String>,
     #[serde(default)]
     state: Option<RunState>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone, PartialEq)]
 struct RunState {
     #[serde(default)]
     timestamp: Option<String>,
@@ -70,8 +78,8 @@ struct RunState {
 /// Count and oldest entry time per state type of `ACTIVE_TYPES`.
 type PerType = [(u64, Option<f64>); 2];
 
-/// What the collector remembers between collections: the runs in progress of
-/// the last complete listing, by id, kept up to date in place.
+/// What the collector remembers between collections: the runs in progress
+/// known from the last good collection, by id.
 #[derive(Default)]
 pub struct State {
     known: Option<Known>,
@@ -79,50 +87,55 @@ pub struct State {
 
 struct Known {
     runs: HashMap<String, ActiveRun>,
-    /// When the runs were last listed whole.
-    listed_at: Instant,
+    /// Runs in progress on the server: more than `runs` past the cap.
+    total: u64,
 }
 
-/// The new runs are asked with every known id in one `not_any_` list: a
-/// bound on that request's size (39 kB) and on the SQL parameters it takes.
-const MAX_UPDATED: usize = 1000;
+/// Fewer known runs in progress are listed whole, in one request: the proof
+/// costs 3-4 requests of 3-4 ms of server CPU, a listing about 0.3 ms per run
+/// (both exact; prefect-api.md, bench/RESULTS.md).
+const PROVE_FROM: usize = 40;
 
-/// Whether updating `runs` in place costs the server less than listing them:
-/// a listing costs about 4 ms plus 0.3 ms per run, an update about 3 ms (the
-/// count) + 4 ms (the new runs) + 4 ms per state name among the known runs
-/// (measured on Prefect 3.9.1 with SQLite). Break-even is near 12 + 12 per
-/// name; the margin keeps a listing below that. A run without a state name
-/// cannot be checked by name, so such a set is listed. So is a set larger
-/// than `MAX_UPDATED`.
-fn pays_to_update(runs: &HashMap<String, ActiveRun>) -> bool {
-    if runs.len() > MAX_UPDATED {
-        return false;
-    }
-    let mut names: Vec<&str> = Vec::new();
-    for r in runs.values() {
-        match r.state_name.as_deref() {
-            Some(n) if !names.contains(&n) => names.push(n),
-            Some(_) => {}
-            None => return false,
-        }
-    }
-    runs.len() >= 20 + 15 * names.len()
+/// Runs of `ids` in state type `t`.
+fn still_in<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> RunsFilter<'a> {
+    RunsFilter::new(Where {
+        id: Some(Match::Any(ids)),
+        state: StateWhere::types(Match::Any(t)),
+        ..Where::default()
+    })
+}
+
+/// Runs of `ids` no longer in state type `t`.
+fn moved_from<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> RunsFilter<'a> {
+    RunsFilter::new(Where {
+        id: Some(Match::Any(ids)),
+        state: StateWhere::types(Match::NotAny(t)),
+        ..Where::default()
+    })
 }
 
 /// The runs in progress that are not among `known`.
 fn new_runs_filter<'a>(known: &'a [&'a str]) -> RunsFilter<'a> {
     RunsFilter::new(Where {
         id: Some(Match::NotAny(known)),
-        state: StateWhere::types(Match::Any(&ACTIVE_TYPES)),
+        state: ACTIVE.state(),
         ..Where::default()
     })
 }
 
-/// The runs among `ids` whose state name is no longer `name`.
-fn moved_filter<'a>(ids: &'a [&'a str], name: &'a [&'a str; 1]) -> RunsFilter<'a> {
+/// The runs in progress of `deployments`.
+fn of_deployments<'a>(deployments: &'a [&'a str]) -> RunsFilter<'a> {
+    RunsFilter::new(Where {
+        deployment_id: Some(Match::Any(deployments)),
+        state: ACTIVE.state(),
+        ..Where::default()
+    })
+}
+
+/// The runs `ids`, whatever their state.
+fn by_id<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
     RunsFilter::new(Where {
         id: Some(Match::Any(ids)),
-        state: StateWhere::names(Match::NotAny(name)),
         ..Where::default()
     })
 }
@@ -134,84 +147,176 @@ pub fn collect(
     state: &mut State,
     deadline: Instant,
 ) -> Result<ActiveRunsPart, ApiError> {
-    // Taken out: any failure below leaves nothing to update next time.
-    let known = state
-        .known
-        .take()
-        .filter(|k| k.listed_at.elapsed() < LISTING_MAX_AGE && pays_to_update(&k.runs));
-    let updated = match known {
-        Some(k) => update(client, k, max, deadline)?,
-        None => None,
+    // Taken out: any failure below leaves nothing to prove next time.
+    let known = match state.known.take() {
+        Some(k) if k.runs.len() >= PROVE_FROM => update(client, k, max, deadline)?,
+        _ => None,
     };
-    let known = match updated {
+    let known = match known {
         Some(k) => k,
         None => {
             let (runs, capped) =
                 listing::runs(client, ACTIVE, max, |r: &ActiveRun| &r.id, deadline)?;
-            if capped {
-                return Ok(part(runs.iter(), true, deployments));
-            }
+            let total = if capped {
+                listing::count(client, ACTIVE, deadline)?
+            } else {
+                runs.len() as u64
+            };
             Known {
-                runs: runs.into_iter().map(|r| (r.id.clone(), r)).collect(),
-                listed_at: Instant::now(),
+                runs: by_ids(runs),
+                total,
             }
         }
     };
-    let out = part(known.runs.values(), false, deployments);
+    let capped = known.total > known.runs.len() as u64;
+    let out = part(known.runs.values(), capped, deployments);
     state.known = Some(known);
     Ok(out)
 }
 
+fn by_ids(runs: Vec<ActiveRun>) -> HashMap<String, ActiveRun> {
+    runs.into_iter().map(|r| (r.id.clone(), r)).collect()
+}
+
+fn sorted_ids<'a>(runs: impl Iterator<Item = &'a ActiveRun>) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = runs.map(|r| r.id.as_str()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Puts `run` in place of the known one: kept while in progress, else dropped.
+fn apply(runs: &mut HashMap<String, ActiveRun>, run: ActiveRun) {
+    if ACTIVE_TYPES.contains(&run.state_type.as_str()) {
+        runs.insert(run.id.clone(), run);
+    } else {
+        runs.remove(&run.id);
+    }
+}
+
 /// The known runs brought up to date (module doc), or None when they must be
-/// listed whole: more runs in progress than `max`, or an update that does not
-/// add up to the count.
+/// listed whole.
 fn update(
     client: &mut Client,
-    mut known: Known,
+    known: Known,
     max: usize,
     deadline: Instant,
 ) -> Result<Option<Known>, ApiError> {
+    let mut runs = known.runs;
     let total = listing::count(client, ACTIVE, deadline)?;
-    if total > max as u64 {
+    // Runs read in this collection: their entry times are the server's.
+    let mut fresh: BTreeSet<String> = BTreeSet::new();
+    let mut confirmed = 0u64;
+    // Both types are checked against the known runs as they were: a run
+    // that moved from one to the other is counted once, as moved.
+    let mut moved: Vec<ActiveRun> = Vec::new();
+    for t in ACTIVE_TYPES {
+        let t = [t];
+        let ids = sorted_ids(runs.values().filter(|r| r.state_type == t[0]));
+        let mut still = 0;
+        for chunk in ids.chunks(IDS_PER_COUNT) {
+            still += listing::count_where(client, &still_in(chunk, &t), deadline)?;
+        }
+        confirmed += still;
+        if still < ids.len() as u64 {
+            for chunk in ids.chunks(IDS_PER_COUNT) {
+                let (page, _) = listing::runs_where(
+                    client,
+                    &moved_from(chunk, &t),
+                    chunk.len(),
+                    |r: &ActiveRun| &r.id,
+                    deadline,
+                )?;
+                moved.extend(page);
+            }
+        }
+    }
+    for run in moved {
+        if ACTIVE_TYPES.contains(&run.state_type.as_str()) {
+            confirmed += 1;
+        }
+        fresh.insert(run.id.clone());
+        apply(&mut runs, run);
+    }
+    if runs.len() as u64 != confirmed || confirmed > total {
+        // A known run is gone (deleted), or moved between two requests.
         return Ok(None);
     }
-    // By state name, sorted: the requests go out in the same order each time.
-    let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in known.runs.values() {
-        let name = r.state_name.clone().unwrap_or_default();
-        by_name.entry(name).or_default().push(r.id.clone());
+    if total > confirmed && runs.len() < max {
+        let ids = sorted_ids(runs.values());
+        let (new, _) = listing::runs_where(
+            client,
+            &new_runs_filter(&ids),
+            max - runs.len(),
+            |r: &ActiveRun| &r.id,
+            deadline,
+        )?;
+        let new = by_ids(new);
+        fresh.extend(new.keys().cloned());
+        runs.extend(new);
     }
-    let ids: Vec<&str> = known.runs.keys().map(String::as_str).collect();
-    let (new, _) = listing::runs_where(
-        client,
-        &new_runs_filter(&ids),
-        max,
-        |r: &ActiveRun| &r.id,
-        deadline,
-    )?;
-    let mut moved: Vec<ActiveRun> = Vec::new();
-    for (name, ids) in &by_name {
-        let name = [name.as_str()];
-        for chunk in ids.chunks(PAGE) {
-            let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            let (runs, _) = listing::runs_where(
-                client,
-                &moved_filter(&chunk, &name),
-                PAGE,
-                |r: &ActiveRun| &r.id,
-                deadline,
-            )?;
-            moved.extend(runs);
+    // The oldest known run per deployment and type, when its time may move.
+    let mut oldest: BTreeMap<(&str, &str), (&ActiveRun, f64)> = BTreeMap::new();
+    for r in runs.values() {
+        let (Some(dep), Some(t)) = (r.deployment_id.as_deref(), entered(r)) else {
+            continue;
+        };
+        let slot = oldest.entry((dep, r.state_type.as_str())).or_insert((r, t));
+        if t < slot.1 {
+            *slot = (r, t);
         }
     }
-    for run in moved.into_iter().chain(new) {
-        if ACTIVE_TYPES.contains(&run.state_type.as_str()) {
-            known.runs.insert(run.id.clone(), run);
-        } else {
-            known.runs.remove(&run.id);
-        }
+    let check: Vec<&str> = oldest
+        .values()
+        .filter(|(r, _)| !fixed_entry(r) && !fresh.contains(&r.id))
+        .map(|(r, _)| r.id.as_str())
+        .collect();
+    let mut read: Vec<ActiveRun> = Vec::new();
+    for chunk in check.chunks(PAGE) {
+        let (page, _) =
+            listing::runs_where(client, &by_id(chunk), PAGE, |r: &ActiveRun| &r.id, deadline)?;
+        read.extend(page);
     }
-    Ok((known.runs.len() as u64 == total).then_some(known))
+    if read.len() != check.len() {
+        return Ok(None);
+    }
+    let moved_on: Vec<String> = read
+        .into_iter()
+        .filter(|r| runs.get(&r.id) != Some(r))
+        .filter_map(|r| r.deployment_id)
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .collect();
+    if !moved_on.is_empty() {
+        // Their oldest run moved on: the others' times may be older than
+        // known; the deployment's runs in progress are read again.
+        let deps: Vec<&str> = moved_on.iter().map(String::as_str).collect();
+        let (again, capped) = listing::runs_where(
+            client,
+            &of_deployments(&deps),
+            max,
+            |r: &ActiveRun| &r.id,
+            deadline,
+        )?;
+        if capped {
+            return Ok(None);
+        }
+        runs.retain(|_, r| {
+            r.deployment_id
+                .as_deref()
+                .is_none_or(|d| !moved_on.iter().any(|m| m == d))
+        });
+        runs.extend(by_ids(again));
+    }
+    if runs.len() as u64 != total.min(max as u64) {
+        return Ok(None);
+    }
+    Ok(Some(Known { runs, total }))
+}
+
+/// A RUNNING run's entry is its `start_time`, which Prefect sets the first
+/// time a run enters RUNNING and never moves.
+fn fixed_entry(run: &ActiveRun) -> bool {
+    run.state_type == "RUNNING" && run.start_time.is_some()
 }
 
 /// When the run entered its current state type, as the module doc says.
@@ -341,53 +446,45 @@ mod tests {
         );
     }
 
-    fn runs(names: &[(&str, usize)]) -> HashMap<String, ActiveRun> {
-        let mut out = HashMap::new();
-        for (name, n) in names {
-            for i in 0..*n {
-                let id = format!("{name}-{i}");
-                let run: ActiveRun = serde_json::from_value(serde_json::json!({
-                    "id": id, "state_type": "RUNNING", "state_name": name,
-                }))
-                .unwrap();
-                out.insert(id, run);
-            }
-        }
-        out
-    }
-
     #[test]
-    fn a_set_is_updated_in_place_only_when_that_costs_less_than_listing_it() {
-        assert!(!pays_to_update(&runs(&[])));
-        assert!(!pays_to_update(&runs(&[("Running", 34)])));
-        assert!(pays_to_update(&runs(&[("Running", 35)])));
-        assert!(!pays_to_update(&runs(&[("Running", 40), ("Pending", 9)])));
-        assert!(pays_to_update(&runs(&[("Running", 40), ("Pending", 10)])));
-        // 143 runs in five state names, as in the benchmark.
-        assert!(pays_to_update(&runs(&[
-            ("Pending", 41),
-            ("Submitting", 10),
-            ("InfrastructurePending", 10),
-            ("Retrying", 21),
-            ("Running", 61),
-        ])));
-        let mut unnamed = runs(&[("Running", 100)]);
-        unnamed.get_mut("Running-0").unwrap().state_name = None;
-        assert!(!pays_to_update(&unnamed), "a run without a state name");
-        assert!(pays_to_update(&runs(&[("Running", 1000)])));
-        assert!(!pays_to_update(&runs(&[("Running", 1001)])), "too many ids");
-    }
-
-    #[test]
-    fn update_bodies_ask_for_what_changed_only() {
+    fn proof_and_update_bodies_ask_by_id() {
         let known = ["a", "b"];
+        assert_eq!(
+            serde_json::to_string(&still_in(&known, &["PENDING"])).unwrap(),
+            r#"{"flow_runs":{"id":{"any_":["a","b"]},"state":{"type":{"any_":["PENDING"]}}}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&moved_from(&known, &["RUNNING"])).unwrap(),
+            r#"{"flow_runs":{"id":{"any_":["a","b"]},"state":{"type":{"not_any_":["RUNNING"]}}}}"#
+        );
         assert_eq!(
             serde_json::to_string(&listing::page_body(&new_runs_filter(&known), 200, 0)).unwrap(),
             r#"{"flow_runs":{"id":{"not_any_":["a","b"]},"state":{"type":{"any_":["PENDING","RUNNING"]}}},"sort":"ID_DESC","limit":200,"offset":0}"#
         );
         assert_eq!(
-            serde_json::to_string(&moved_filter(&known, &["Running"])).unwrap(),
-            r#"{"flow_runs":{"id":{"any_":["a","b"]},"state":{"name":{"not_any_":["Running"]}}}}"#
+            serde_json::to_string(&of_deployments(&["d"])).unwrap(),
+            r#"{"flow_runs":{"state":{"type":{"any_":["PENDING","RUNNING"]}},"deployment_id":{"any_":["d"]}}}"#
         );
+        assert_eq!(
+            serde_json::to_string(&by_id(&known)).unwrap(),
+            r#"{"flow_runs":{"id":{"any_":["a","b"]}}}"#
+        );
+    }
+
+    #[test]
+    fn only_a_running_runs_start_is_a_fixed_entry() {
+        let run = |t: &str, start: Option<&str>| ActiveRun {
+            id: "1".into(),
+            deployment_id: None,
+            state_type: t.into(),
+            start_time: start.map(Into::into),
+            state: None,
+        };
+        assert!(fixed_entry(&run("RUNNING", Some("2026-01-01T00:00:00Z"))));
+        assert!(
+            !fixed_entry(&run("RUNNING", None)),
+            "falls back to the state's time"
+        );
+        assert!(!fixed_entry(&run("PENDING", Some("2026-01-01T00:00:00Z"))));
     }
 }

@@ -1,28 +1,27 @@
-//! `prefect_flow_runs{state_type, state_name}`: flow runs per state, every name
-//! the server knows (custom ones included), read one of two ways, whichever
-//! took less time the last time each was used:
+//! `prefect_flow_runs{state_type, state_name}`: flow runs per state, every
+//! (type, name) pair the server knows (custom names included), from ONE
+//! `POST /flow_runs/history` request whose single bucket spans forty years.
+//! Each pair is counted on its own, so a custom name used under two state
+//! types shows twice. Its server CPU grows with the run history (50-80 ms at
+//! 20,000 runs, 250-400 ms at 100,000, on SQLite without planner statistics,
+//! as Prefect runs it).
 //!
-//! - ONE `POST /flow_runs/history` request whose single bucket spans forty
-//!   years. It names every state, custom ones included, but costs the server
-//!   CPU in proportion to the run history (50 ms at 20,000 runs, 260 ms at
-//!   100,000, measured on SQLite without planner statistics, as Prefect runs
-//!   it).
-//! - One `POST /flow_runs/count` per state name (the 19 Prefect uses and the
-//!   custom ones the last history read showed), then one count of the runs in
-//!   any other name: 60-70 ms at either size, so it wins on large histories.
-//!   When that last count is not 0, a run is in a name not yet seen and the
-//!   history is read in the same collection to name it.
-//!
-//! The first read is by both, to know what each costs. The breakdown is read
-//! again only once its age reaches `COST_FACTOR` times the wall time of its
-//! last read, and at most `EXPORTER_FLOW_RUNS_MAX_AGE` (default 10 minutes;
-//! 0: every collection). The reading so costs the server about 1/`COST_FACTOR`
-//! of one CPU (about 10 ms per collection at a 30 s interval), whatever the
-//! history holds: read again about every 30 s at 1,000 runs, 150 s at 20,000
-//! and 200-250 s at 100,000 (by names). In between, the last counts are shown
-//! again and `prefect_flow_runs_age_seconds` says how old they are. The seed
-//! counts (`prefect_flow_runs_total` and the three sums) stay fresh every
+//! So the breakdown is reused, and its age exported beside it
+//! (`prefect_flow_runs_age_seconds`): it is read again once its age reaches
+//! `COST_FACTOR` times the wall time of its last read, and at most
+//! `EXPORTER_FLOW_RUNS_MAX_AGE` (default 10 minutes; 0: every collection). A
+//! reused breakdown is the server's state at its reading: its error is
+//! staleness, bounded by that setting, never a wrong attribution. The reading
+//! costs the server about 1/`COST_FACTOR` of one CPU (about 10 ms per
+//! collection at a 30 s interval) while the maximum age does not cut in: read
+//! again about every 30 s at 1,000 runs and every 150 s at 20,000, every 10
+//! minutes past about 65,000 runs. The seed counts (`prefect_flow_runs_total`
+//! and the three sums) and `prefect_late_flow_runs` are fresh every
 //! collection.
+//!
+//! Counts by state name (one `POST /flow_runs/count` per name) were tried and
+//! removed: a name filter cannot tell the type, and a name first seen under
+//! one type was counted under it for good once runs entered it under another.
 //!
 //! The history buckets runs by `expected_start_time`. Prefect sets it on every
 //! run's first state (the scheduled time for a scheduled run, else the state's
@@ -34,9 +33,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::listing::{self, Match, RunsFilter, StateWhere, Where};
 use super::rfc3339;
-use crate::config::FlowRunsRead;
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::StateCount;
 
@@ -88,23 +85,15 @@ struct BucketState {
 }
 
 /// The breakdown is read again once its age reaches this many times the wall
-/// time of its last read (a read that took 0.1 s is reused for 300 s).
+/// time of its last read (a read that took 0.1 s is reused for 300 s), at
+/// most EXPORTER_FLOW_RUNS_MAX_AGE: the server spends about 1/3000 of a CPU
+/// on it, and small histories, cheap to read, are read often.
 pub const COST_FACTOR: u32 = 3000;
 
-/// The last breakdown read and when, and what the next read needs to choose
-/// between the history and the counts by name.
+/// The last breakdown read, and when.
 #[derive(Default)]
 pub struct State {
     last: Option<Reading>,
-    /// Wall time of the last read by history and by names: the cheaper one
-    /// is used (module doc).
-    history_took: Option<Duration>,
-    names_took: Option<Duration>,
-    /// Custom state names the last history read showed, with their type.
-    custom: Vec<(String, String)>,
-    /// A state name showed under two types (or a name Prefect uses under
-    /// another type): counts by name cannot tell them apart.
-    ambiguous: bool,
 }
 
 struct Reading {
@@ -113,41 +102,9 @@ struct Reading {
     took: Duration,
 }
 
-impl State {
-    /// Whether the breakdown must be read again now.
-    #[cfg(test)]
-    fn due(&self, max_age: Duration) -> bool {
-        self.last.as_ref().is_none_or(|r| Self::expired(r, max_age))
-    }
-
-    fn expired(r: &Reading, max_age: Duration) -> bool {
-        r.at.elapsed() >= reuse_for(r.took, max_age)
-    }
-
-    /// Counts by name are used once known to cost less than the history.
-    fn names_first(&self) -> bool {
-        match (self.names_took, self.history_took) {
-            (Some(n), Some(h)) => !self.ambiguous && n < h,
-            _ => false,
-        }
-    }
-
-    /// After a history read: the custom names it showed, and whether a name
-    /// showed under more than one type.
-    fn learn(&mut self, counts: &[StateCount]) {
-        let seen: Vec<(&str, &str)> = counts
-            .iter()
-            .filter(|c| c.count > 0)
-            .map(|c| (c.state_type.as_str(), c.state_name.as_str()))
-            .collect();
-        self.custom = seen
-            .iter()
-            .filter(|p| !KNOWN_STATES.contains(p))
-            .map(|(t, n)| (t.to_string(), n.to_string()))
-            .collect();
-        self.ambiguous = self.custom.iter().enumerate().any(|(i, (_, n))| {
-            KNOWN_STATES.iter().any(|(_, k)| k == n) || self.custom[..i].iter().any(|(_, m)| m == n)
-        });
+impl Reading {
+    fn expired(&self, max_age: Duration) -> bool {
+        self.at.elapsed() >= reuse_for(self.took, max_age)
     }
 }
 
@@ -162,121 +119,27 @@ fn reuse_for(took: Duration, max_age: Duration) -> Duration {
 pub fn collect(
     client: &mut Client,
     max_age: Duration,
-    how: FlowRunsRead,
     state: &mut State,
     deadline: Instant,
 ) -> Result<(Vec<StateCount>, f64), ApiError> {
     let reading = match state.last.take() {
-        Some(r) if !State::expired(&r, max_age) => r,
-        before => match read(client, how, state, deadline) {
-            Ok(r) => r,
-            Err(e) => {
-                state.last = before;
-                return Err(e);
-            }
-        },
+        Some(r) if !r.expired(max_age) => r,
+        _ => read(client, deadline)?,
     };
     let out = (reading.counts.clone(), reading.at.elapsed().as_secs_f64());
     state.last = Some(reading);
     Ok(out)
 }
 
-/// One read by the method `how` asks for, `Auto`: the cheaper one (module
-/// doc). Auto's first read is by both, to know their costs: the history names
-/// the custom states, the counts by name give the breakdown when they cover
-/// every run.
-fn read(
-    client: &mut Client,
-    how: FlowRunsRead,
-    state: &mut State,
-    deadline: Instant,
-) -> Result<Reading, ApiError> {
-    let names_first = match how {
-        FlowRunsRead::Auto => state.names_first(),
-        FlowRunsRead::History => false,
-        FlowRunsRead::Names => !state.ambiguous,
-    };
-    if names_first {
-        let started = Instant::now();
-        let counts = by_names(client, &state.custom, deadline)?;
-        state.names_took = Some(started.elapsed());
-        if let Some(counts) = counts {
-            // A custom name emptied is no longer counted (nor shown).
-            state.custom.retain(|(t, n)| {
-                counts
-                    .iter()
-                    .any(|c| &c.state_type == t && &c.state_name == n)
-            });
-            return Ok(reading(counts, started));
-        }
-        // A run in a state name not counted: the history names it.
-    }
+fn read(client: &mut Client, deadline: Instant) -> Result<Reading, ApiError> {
     let started = Instant::now();
-    let counts = by_history(client, deadline)?;
-    state.history_took = Some(started.elapsed());
-    state.learn(&counts);
-    let mut out = reading(counts, started);
-    if how == FlowRunsRead::Auto && state.names_took.is_none() && !state.ambiguous {
-        let started = Instant::now();
-        let counts = by_names(client, &state.custom, deadline)?;
-        let took = started.elapsed();
-        state.names_took = Some(took);
-        if let Some(counts) = counts {
-            out = reading(counts, started);
-        }
-        // Reused as long as a read by the cheaper method allows.
-        out.took = state.history_took.map_or(took, |h| h.min(took));
-    }
-    Ok(out)
-}
-
-fn reading(counts: Vec<StateCount>, started: Instant) -> Reading {
-    Reading {
-        counts,
-        at: Instant::now(),
-        took: started.elapsed(),
-    }
-}
-
-fn by_history(client: &mut Client, deadline: Instant) -> Result<Vec<StateCount>, ApiError> {
     let body = history_request(rfc3339::now());
     let buckets: Vec<Bucket> = client.post("/flow_runs/history", &body, deadline)?;
-    Ok(state_counts(&buckets))
-}
-
-/// Runs whose state name `m` matches.
-fn name_count(m: Match<'_>) -> RunsFilter<'_> {
-    RunsFilter::new(Where {
-        state: StateWhere::names(m),
-        ..Where::default()
+    Ok(Reading {
+        counts: state_counts(&buckets),
+        at: Instant::now(),
+        took: started.elapsed(),
     })
-}
-
-/// One `POST /flow_runs/count` per state name (Prefect's and the `custom`
-/// ones), then one of the runs in any other name: None when there are some,
-/// whose names only the history gives. A name filter alone: SQLite answers it
-/// from the state name index, while a state type filter would read every run
-/// of that type. Custom names at 0 are left out.
-fn by_names(
-    client: &mut Client,
-    custom: &[(String, String)],
-    deadline: Instant,
-) -> Result<Option<Vec<StateCount>>, ApiError> {
-    let all: Vec<(&str, &str)> = KNOWN_STATES
-        .iter()
-        .copied()
-        .chain(custom.iter().map(|(t, n)| (t.as_str(), n.as_str())))
-        .collect();
-    let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for (t, n) in &all {
-        let c = listing::count_where(client, &name_count(Match::Any(&[n])), deadline)?;
-        if c > 0 || KNOWN_STATES.contains(&(t, n)) {
-            counts.insert((t.to_string(), n.to_string()), c);
-        }
-    }
-    let names: Vec<&str> = all.iter().map(|(_, n)| *n).collect();
-    let others = listing::count_where(client, &name_count(Match::NotAny(&names)), deadline)?;
-    Ok((others == 0).then(|| listed(counts)))
 }
 
 fn history_request(now: f64) -> HistoryRequest {
@@ -395,68 +258,22 @@ mod tests {
             reuse_for(Duration::from_millis(500), Duration::ZERO),
             Duration::ZERO
         );
-        let mut state = State::default();
-        assert!(state.due(ten_min), "never read: due");
-        state.last = Some(Reading {
+        let read = |ago: u64, took_ms: u64| Reading {
             counts: Vec::new(),
-            at: Instant::now(),
-            took: Duration::from_millis(100),
-        });
-        assert!(!state.due(ten_min), "read just now, reused for 300 s");
-        assert!(state.due(Duration::ZERO));
-    }
-
-    use crate::snapshot::test_fixtures::count;
-
-    #[test]
-    fn the_cheaper_method_is_used_once_both_are_known() {
-        let ms = Duration::from_millis;
-        let mut state = State::default();
-        assert!(!state.names_first(), "first read: history (and names)");
-        state.history_took = Some(ms(260));
-        assert!(!state.names_first());
-        state.names_took = Some(ms(70));
-        assert!(state.names_first(), "100,000 runs");
-        state.history_took = Some(ms(10));
-        assert!(!state.names_first(), "1,000 runs");
-        state.history_took = Some(ms(260));
-        state.ambiguous = true;
-        assert!(!state.names_first(), "a name under two types");
-    }
-
-    #[test]
-    fn a_history_read_names_the_custom_states() {
-        let mut state = State::default();
-        state.learn(&[
-            count("COMPLETED", "Completed", 5),
-            count("FAILED", "MyCustomFail", 2),
-            count("FAILED", "Emptied", 0),
-            count("PENDING", "Pending", 0),
-        ]);
-        assert_eq!(
-            state.custom,
-            vec![("FAILED".to_string(), "MyCustomFail".to_string())]
+            at: Instant::now() - Duration::from_secs(ago),
+            took: Duration::from_millis(took_ms),
+        };
+        assert!(
+            !read(0, 100).expired(ten_min),
+            "read just now, reused for 300 s"
         );
-        assert!(!state.ambiguous);
-        // The same name under two types, or a Prefect name under another type.
-        state.learn(&[count("FAILED", "Odd", 1), count("CRASHED", "Odd", 1)]);
-        assert!(state.ambiguous);
-        state.learn(&[count("COMPLETED", "Running", 1)]);
-        assert!(state.ambiguous);
-        state.learn(&[count("RUNNING", "Running", 1)]);
-        assert!(!state.ambiguous && state.custom.is_empty());
-    }
-
-    #[test]
-    fn counts_by_name_filter_on_the_name_alone() {
-        assert_eq!(
-            serde_json::to_string(&name_count(Match::Any(&["Late"]))).unwrap(),
-            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}}}}"#
+        assert!(!read(299, 100).expired(ten_min));
+        assert!(read(300, 100).expired(ten_min));
+        assert!(
+            read(600, 1000).expired(ten_min),
+            "never older than the maximum age"
         );
-        assert_eq!(
-            serde_json::to_string(&name_count(Match::NotAny(&["Late", "Custom"]))).unwrap(),
-            r#"{"flow_runs":{"state":{"name":{"not_any_":["Late","Custom"]}}}}"#
-        );
+        assert!(read(0, 100).expired(Duration::ZERO), "0: every collection");
     }
 
     #[test]

@@ -1,46 +1,49 @@
-//! Late runs, one shared listing for the deployments and work queues groups.
+//! Late runs, one shared listing for the deployments and work queues groups,
+//! and the server-wide late count for every group that shows it.
 //!
-//! Cost per collection, with L late runs on the server and a cap C
-//! (EXPORTER_MAX_LISTED_RUNS, default 1,000): one `POST /flow_runs/count`
-//! (2-5 ms of server CPU), and only when L > 0 and it equals the last
-//! listing's count, one fingerprint: a count of the late runs whose expected
-//! start time is later than that of the newest run listed (4 ms at 100,000
-//! runs, where the newest late run itself, sorted from thousands, costs
-//! 9-13 ms). The listing itself, min(ceil(L/200), ceil(C/200)) pages of `POST
-//! /flow_runs/filter` (80-160 ms of server CPU each for full pages), is sent
-//! only when the late set may have changed: the count or the fingerprint
-//! differs from the last listing's, the last collection's late-run requests
-//! failed, or the listing is older than `listing::LISTING_MAX_AGE` (10 min). A
-//! listing stopped by the cap may leave out the newest run, so it is followed
-//! by the fingerprint count that the next collections compare with. A server
-//! that just holds a thousand old late runs so costs 2 cheap requests per
-//! collection, not 5 full pages. A healthy server costs one count. The cost
-//! never depends on how many deployments or queues are late.
+//! Every collection is exact as of that collection: the listing is never
+//! reused on a guess. A run's deployment and work queue are set when it is
+//! created and never change (Prefect's `FlowRunUpdate` has neither), so the
+//! per-deployment and per-queue split only changes when a run enters or
+//! leaves Late. The collector keeps the late runs it knows (id, deployment,
+//! queue) and proves at each collection, with counts, that they are still the
+//! late set:
+//! - T = `POST /flow_runs/count` of the `Late` runs (2-5 ms of server CPU);
+//! - S = the same count restricted to the known ids (`id.any_`, 1,000 ids per
+//!   request; a count, so a few ms whatever it matches).
 //!
-//! What the reuse cannot see: between two collections, a late run leaving the
-//! state (started, cancelled, deleted) while another one whose expected start
-//! time is not later than the newest listed run's enters it leaves the count
-//! and the fingerprint unchanged, so the per-deployment and per-queue split
-//! stays the old one until the listing's maximum age. Runs become late in the order of
-//! their expected start times, so a run entering Late is almost always the
-//! newest one; the total (`prefect_late_flow_runs`) is counted every
-//! collection and always exact.
+//! The known runs are distinct, so S of them are still late and T - S late
+//! runs are not known. When S equals the number known and T - S is 0 (or the
+//! cap is already full), the set is the known one, exactly: 2 requests. When
+//! S is smaller, the known runs that left Late come back from a listing of
+//! the known ids in another state name (only those runs, one page per 200);
+//! when T - S is not 0 and the cap allows, the late runs not known come back
+//! from a listing `id.not_any_` the known ones (only those runs). A result
+//! that does not add
+//! up (a run deleted, or a change between two of these requests) lists the
+//! late runs whole, as does the first collection and the one after a failure:
+//! min(ceil(T/200), ceil(C/200)) pages of `POST /flow_runs/filter`, with the
+//! cap C (EXPORTER_MAX_LISTED_RUNS, default 1,000). A server that just holds
+//! a thousand old late runs so costs 2 counts per collection, not 5 full
+//! pages (80-160 ms of server CPU each); a healthy server costs one count.
+//! The cost never depends on how many deployments or queues are late.
 //!
 //! Below the cap, the counts per deployment and per queue are exact. Past it,
-//! they count the listed runs only; the exact total still comes from the count,
-//! and `prefect_late_flow_runs_capped` says that the cap was hit.
+//! they count the known runs only (at most C, the first listed and then the
+//! ones that replaced those that left); the exact total still comes from the
+//! count, and `prefect_late_flow_runs_capped` says that the cap was hit.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Deserialize;
 
-use super::listing::{self, After, RunsFilter, States, Where};
-use super::rfc3339;
+use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT};
 use crate::prefect::{ApiError, Client};
 use crate::snapshot::LateRunsSummary;
 
-const LATE: States = States::Names(&["Late"]);
+const LATE_NAME: [&str; 1] = ["Late"];
+const LATE: States = States::Names(&LATE_NAME);
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LateRuns {
@@ -60,133 +63,155 @@ struct LateRun {
     deployment_id: Option<String>,
     #[serde(default)]
     work_queue_id: Option<String>,
-    #[serde(default)]
-    expected_start_time: Option<String>,
 }
 
-/// What the collector remembers between collections: the last good listing
-/// and what it was taken under.
+/// Where a late run counts: both fixed when the run is created.
+struct Placed {
+    deployment_id: Option<String>,
+    work_queue_id: Option<String>,
+}
+
+/// What the collector remembers between collections: the late runs known,
+/// by id, from the last good collection.
 #[derive(Default)]
 pub struct State {
-    last: Option<Listed>,
+    known: Option<HashMap<String, Placed>>,
 }
 
-struct Listed {
-    key: Key,
-    /// The fingerprint's bound (`after_newest`); None: no reuse.
-    after: Option<String>,
-    at: Instant,
-    late: LateRuns,
-}
-
-/// What must be unchanged for a listing to be reused.
-#[derive(Debug, Clone, PartialEq)]
-struct Key {
-    total: u64,
-    /// Late runs expected to start after `after` (the fingerprint).
-    newer: u64,
-    /// The cap the listing was taken with.
-    max: usize,
-}
-
-/// The fingerprint request: late runs whose expected start time is at or
-/// after `after` (Prefect's `after_` includes the bound).
-fn newer_body(after: &str) -> RunsFilter<'static> {
+/// The late runs among `ids`.
+fn known_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
     RunsFilter::new(Where {
+        id: Some(Match::Any(ids)),
         state: LATE.state(),
-        expected_start_time: Some(After {
-            after_: after.to_string(),
-        }),
         ..Where::default()
     })
 }
 
-fn count_newer(client: &mut Client, after: &str, deadline: Instant) -> Result<u64, ApiError> {
-    listing::count_where(client, &newer_body(after), deadline)
+/// The runs among `ids` no longer late.
+fn left_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
+    RunsFilter::new(Where {
+        id: Some(Match::Any(ids)),
+        state: StateWhere::names(Match::NotAny(&LATE_NAME)),
+        ..Where::default()
+    })
 }
 
-/// One microsecond (Prefect's precision) after the latest expected start
-/// time among `runs`: the bound of the fingerprint. None without any time.
-fn after_newest(runs: &[LateRun]) -> Option<String> {
-    let newest = runs
-        .iter()
-        .filter_map(|r| r.expected_start_time.as_deref().and_then(rfc3339::parse))
-        .reduce(f64::max)?;
-    Some(rfc3339::format(newest + 1e-6))
+/// The late runs not among `ids`.
+fn new_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
+    RunsFilter::new(Where {
+        id: Some(Match::NotAny(ids)),
+        state: LATE.state(),
+        ..Where::default()
+    })
 }
 
-/// Whether the last listing still stands for the late set described by
-/// `key`: same count, same fingerprint, same cap, and younger than `max_age`.
-fn reusable(last: Option<(&Key, Instant)>, key: &Key, now: Instant, max_age: Duration) -> bool {
-    match last {
-        Some((k, at)) => k == key && now.saturating_duration_since(at) < max_age,
-        None => false,
-    }
-}
-
+/// The server-wide late count, and with `split` the late runs per deployment
+/// and per queue (module doc). Without `split` (no group shows the split),
+/// one count.
 pub fn collect(
     client: &mut Client,
     max: usize,
-    max_age: Duration,
+    split: bool,
     state: &mut State,
     deadline: Instant,
 ) -> Result<LateRuns, ApiError> {
-    // Taken out: any failure below leaves no listing to reuse.
-    let last = state.last.take();
+    // Taken out: any failure below leaves nothing to prove next time.
+    let known = state.known.take();
     let total = listing::count(client, LATE, deadline)?;
+    if !split {
+        return Ok(tally(total, &HashMap::new(), false));
+    }
     if total == 0 {
+        state.known = Some(HashMap::new());
         return Ok(LateRuns::default());
     }
-    let now = Instant::now();
-    if let Some(l) = last {
-        // The fingerprint is asked only when all else allows a reuse: the
-        // count, the cap, the age.
-        let if_no_newer = Key {
-            total,
-            newer: l.key.newer,
-            max,
-        };
-        if let (true, Some(after)) = (
-            reusable(Some((&l.key, l.at)), &if_no_newer, now, max_age),
-            &l.after,
-        ) {
-            if count_newer(client, after, deadline)? == l.key.newer {
-                let mut late = l.late.clone();
-                late.summary.listing_age = now.saturating_duration_since(l.at);
-                state.last = Some(l);
-                return Ok(late);
-            }
-        }
-    }
-    let (runs, capped) = listing::runs(client, LATE, max, |r: &LateRun| &r.id, deadline)?;
-    let late = tally(total, &runs, capped);
-    let after = after_newest(&runs);
-    // Complete, the listing holds the newest run: none is later. Capped, it
-    // may not: the count now is what the next collections compare with.
-    let newer = match (&after, capped) {
-        (Some(a), true) => count_newer(client, a, deadline)?,
-        _ => 0,
+    let known = match known {
+        Some(k) if !k.is_empty() => update(client, k, total, max, deadline)?,
+        _ => None,
     };
-    state.last = Some(Listed {
-        key: Key { total, newer, max },
-        after,
-        at: now,
-        late: late.clone(),
-    });
+    let known = match known {
+        Some(k) => k,
+        None => {
+            let (runs, _) = listing::runs(client, LATE, max, |r: &LateRun| &r.id, deadline)?;
+            placed(runs)
+        }
+    };
+    let late = tally(total, &known, (known.len() as u64) < total);
+    state.known = Some(known);
     Ok(late)
 }
 
-fn tally(total: u64, runs: &[LateRun], capped: bool) -> LateRuns {
+fn placed(runs: Vec<LateRun>) -> HashMap<String, Placed> {
+    runs.into_iter()
+        .map(|r| {
+            let p = Placed {
+                deployment_id: r.deployment_id,
+                work_queue_id: r.work_queue_id,
+            };
+            (r.id, p)
+        })
+        .collect()
+}
+
+/// The known late runs brought up to date with `total` late runs on the
+/// server, or None when they must be listed whole (module doc).
+fn update(
+    client: &mut Client,
+    mut known: HashMap<String, Placed>,
+    total: u64,
+    max: usize,
+    deadline: Instant,
+) -> Result<Option<HashMap<String, Placed>>, ApiError> {
+    let mut ids: Vec<&str> = known.keys().map(String::as_str).collect();
+    ids.sort_unstable();
+    let mut still = 0;
+    for chunk in ids.chunks(IDS_PER_COUNT) {
+        still += listing::count_where(client, &known_late(chunk), deadline)?;
+    }
+    let Some(unknown) = total.checked_sub(still) else {
+        return Ok(None);
+    };
+    let mut left: Vec<String> = Vec::new();
+    if still < ids.len() as u64 {
+        for chunk in ids.chunks(IDS_PER_COUNT) {
+            let (runs, _) = listing::runs_where(
+                client,
+                &left_late(chunk),
+                chunk.len(),
+                |r: &LateRun| &r.id,
+                deadline,
+            )?;
+            left.extend(runs.into_iter().map(|r| r.id));
+        }
+    }
+    for id in &left {
+        known.remove(id);
+    }
+    if known.len() as u64 != still {
+        // A known run is gone (deleted), or moved between two requests.
+        return Ok(None);
+    }
+    if unknown > 0 && known.len() < max {
+        let mut ids: Vec<&str> = known.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        let room = max - known.len();
+        let (runs, _) =
+            listing::runs_where(client, &new_late(&ids), room, |r: &LateRun| &r.id, deadline)?;
+        known.extend(placed(runs));
+    }
+    Ok((known.len() as u64 == total.min(max as u64)).then_some(known))
+}
+
+fn tally(total: u64, runs: &HashMap<String, Placed>, capped: bool) -> LateRuns {
     let mut out = LateRuns {
         summary: LateRunsSummary {
             total,
             listed: runs.len() as u64,
             capped,
-            listing_age: Duration::ZERO,
         },
         ..LateRuns::default()
     };
-    for r in runs {
+    for r in runs.values() {
         if let Some(d) = &r.deployment_id {
             *out.by_deployment.entry(d.clone()).or_default() += 1;
         }
@@ -211,14 +236,13 @@ mod tests {
             "../../tests/fixtures/flow_runs_filter_late.json"
         ));
         assert_eq!(total, 1);
-        let late = tally(total, &runs, false);
+        let late = tally(total, &placed(runs), false);
         assert_eq!(
             late.summary,
             LateRunsSummary {
                 total: 1,
                 listed: 1,
                 capped: false,
-                listing_age: Duration::ZERO,
             }
         );
         assert_eq!(
@@ -232,75 +256,31 @@ mod tests {
     }
 
     #[test]
-    fn the_listing_is_reused_only_while_count_fingerprint_and_cap_hold() {
-        let key = |total: u64, newer: u64, max: usize| Key { total, newer, max };
-        let at = Instant::now();
-        let age = Duration::from_secs(600);
-        let last = key(300, 0, 1000);
-        let reuse = |k: &Key, now: Instant| reusable(Some((&last, at)), k, now, age);
-        assert!(reuse(&key(300, 0, 1000), at + Duration::from_secs(30)));
-        assert!(!reuse(&key(301, 0, 1000), at), "count changed");
-        assert!(!reuse(&key(299, 0, 1000), at), "count changed");
-        assert!(!reuse(&key(300, 1, 1000), at), "a later run is late");
-        assert!(!reuse(&key(300, 0, 200), at), "cap changed");
-        assert!(!reuse(&key(300, 0, 1000), at + age), "too old");
-        assert!(
-            !reusable(None, &key(300, 0, 1000), at, age),
-            "no good listing"
-        );
-        assert!(
-            !reusable(Some((&last, at)), &last, at, Duration::ZERO),
-            "max age 0: list every collection"
-        );
-    }
-
-    #[test]
-    fn the_fingerprint_counts_late_runs_after_the_newest_listed_one() {
-        let run = |id: &str, t: Option<&str>| LateRun {
-            id: id.into(),
-            deployment_id: None,
-            work_queue_id: None,
-            expected_start_time: t.map(Into::into),
-        };
-        let runs = [
-            run("1", Some("2026-12-03T07:10:23.772622Z")),
-            run("2", Some("2026-12-03T09:00:00.000001+01:00")),
-            run("3", None),
-            run("4", Some("2026-12-02T23:59:59Z")),
-        ];
-        // 08:00:00.000001 UTC is the newest; one microsecond later is the bound.
-        let after = after_newest(&runs).unwrap();
-        assert_eq!(after, "2026-12-03T08:00:00.000002Z");
-        assert_eq!(after_newest(&[run("3", None)]), None);
+    fn the_proof_and_update_bodies_ask_by_id() {
+        let ids = ["a", "b"];
         assert_eq!(
-            serde_json::to_string(&newer_body(&after)).unwrap(),
-            r#"{"flow_runs":{"state":{"name":{"any_":["Late"]}},"expected_start_time":{"after_":"2026-12-03T08:00:00.000002Z"}}}"#
+            serde_json::to_string(&known_late(&ids)).unwrap(),
+            r#"{"flow_runs":{"id":{"any_":["a","b"]},"state":{"name":{"any_":["Late"]}}}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&left_late(&ids)).unwrap(),
+            r#"{"flow_runs":{"id":{"any_":["a","b"]},"state":{"name":{"not_any_":["Late"]}}}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&new_late(&ids)).unwrap(),
+            r#"{"flow_runs":{"id":{"not_any_":["a","b"]},"state":{"name":{"any_":["Late"]}}}}"#
         );
     }
 
     #[test]
     fn runs_without_deployment_or_queue_count_in_the_total_only() {
-        let runs = vec![
-            LateRun {
-                id: "1".into(),
-                deployment_id: Some("d".into()),
-                work_queue_id: Some("q".into()),
-                expected_start_time: None,
-            },
-            LateRun {
-                id: "2".into(),
-                deployment_id: Some("d".into()),
-                work_queue_id: None,
-                expected_start_time: None,
-            },
-            LateRun {
-                id: "3".into(),
-                deployment_id: None,
-                work_queue_id: None,
-                expected_start_time: None,
-            },
-        ];
-        let late = tally(1500, &runs, true);
+        let runs: Vec<LateRun> = serde_json::from_str(
+            r#"[{"id":"1","deployment_id":"d","work_queue_id":"q"},
+                {"id":"2","deployment_id":"d","work_queue_id":null},
+                {"id":"3"}]"#,
+        )
+        .unwrap();
+        let late = tally(1500, &placed(runs), true);
         assert_eq!(late.by_deployment["d"], 2);
         assert_eq!(late.by_queue["q"], 1);
         assert_eq!(late.summary.listed, 3);

@@ -4,7 +4,7 @@
 //! thousand runs stuck) cannot multiply the requests sent to Prefect.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -17,12 +17,10 @@ pub const PAGE: usize = 200;
 /// the set is unchanged (a sort on times would tie on runs created together).
 const SORT: &str = "ID_DESC";
 
-/// Longest time a listing is reused or updated in place before it is taken
-/// again whole: bounds what the reuse cannot see (late_runs, active_runs).
-/// 10 min, the default of EXPORTER_FLOW_RUNS_MAX_AGE, but not that setting
-/// itself, which users set to 0 to read the cheap per-state counts every
-/// collection and which would then bring back the full pages.
-pub const LISTING_MAX_AGE: Duration = Duration::from_secs(600);
+/// Known run ids per `id.any_` count (late_runs, active_runs): one request
+/// with the default cap, and a bound on each request's size (39 kB) and on
+/// the SQL parameters it takes.
+pub const IDS_PER_COUNT: usize = 1000;
 
 /// Which runs: by state names (exact, case-sensitive) or by state types.
 #[derive(Clone, Copy)]

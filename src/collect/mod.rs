@@ -69,8 +69,9 @@ fn log_cap(warned: &mut bool, capped: Option<bool>, what: &str, max: usize) {
     }
 }
 
-/// The late-run listing, asked for once per collection by the first group
-/// that needs it; a failure fails every group that needs it.
+/// The late runs, asked for once per collection by the first group that
+/// shows them (flow_runs: the total; deployments and work_queues: the split
+/// too); a failure fails every group that needs them.
 fn shared_late<'a>(
     slot: &'a mut Option<Result<late_runs::LateRuns, ApiError>>,
     client: &mut Client,
@@ -79,13 +80,8 @@ fn shared_late<'a>(
     deadline: Instant,
 ) -> Result<&'a late_runs::LateRuns, ApiError> {
     slot.get_or_insert_with(|| {
-        late_runs::collect(
-            client,
-            config.max_listed_runs,
-            listing::LISTING_MAX_AGE,
-            state,
-            deadline,
-        )
+        let split = config.collectors.deployments || config.collectors.work_queues;
+        late_runs::collect(client, config.max_listed_runs, split, state, deadline)
     })
     .as_ref()
     .map_err(Clone::clone)
@@ -173,10 +169,10 @@ pub fn collect_all(
     let mut listed = None;
     let flow_runs = if on.flow_runs {
         run_group("flow_runs", &mut groups, || {
+            shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
             flow_runs::collect(
                 client,
                 config.flow_runs_max_age,
-                config.flow_runs_read,
                 &mut state.flow_runs,
                 deadline,
             )

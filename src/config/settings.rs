@@ -144,11 +144,6 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "longest reuse of prefect_flow_runs (read again after 3000 times its read time; 0: every collection)",
     ),
     (
-        "EXPORTER_FLOW_RUNS_READ",
-        "auto",
-        "how prefect_flow_runs is read: auto (whichever took less time), history (one request, its cost grows with the run history) or names (one count per state name)",
-    ),
-    (
         "EXPORTER_MAX_DEPLOYMENTS",
         "1000",
         "most deployments that get per-deployment series (the newest created first)",
@@ -156,7 +151,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     (
         "EXPORTER_MAX_LISTED_RUNS",
         "1000",
-        "most late runs, and most runs in progress, listed per collection (200 per request); past it the series say so",
+        "most late runs, and most runs in progress, known and counted per deployment (listed 200 per request when they change); past it the totals stay exact and the series say so",
     ),
     (
         "EXPORTER_EVENTS_SETTLE",
@@ -170,37 +165,13 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// How the per-state breakdown is read: by the method that took less time
-/// (the default), or always by one of them (collect::flow_runs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlowRunsRead {
-    Auto,
-    History,
-    Names,
-}
-
-impl FlowRunsRead {
-    fn parse(v: &str) -> Result<FlowRunsRead, ConfigError> {
-        match v.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(FlowRunsRead::Auto),
-            "history" => Ok(FlowRunsRead::History),
-            "names" => Ok(FlowRunsRead::Names),
-            _ => Err(invalid(
-                "EXPORTER_FLOW_RUNS_READ",
-                v.to_string(),
-                "expected auto, history or names",
-            )),
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            FlowRunsRead::Auto => "auto",
-            FlowRunsRead::History => "history",
-            FlowRunsRead::Names => "names",
-        }
-    }
-}
+/// Settings that no longer exist, with what replaced them: a user may still
+/// have one set, which costs one WARN line at start, not exit 2.
+pub const REMOVED_SETTINGS: &[(&str, &str)] = &[(
+    "EXPORTER_FLOW_RUNS_READ",
+    "prefect_flow_runs is read by the history only: counts by state name could \
+     attribute a name to the wrong state type",
+)];
 
 /// How the exporter proves who it is to Prefect.
 #[derive(Clone, PartialEq, Eq)]
@@ -238,7 +209,7 @@ pub struct Config {
     pub lookback: Duration,
     /// Cap on the deployments that get per-deployment series.
     pub max_deployments: usize,
-    /// Cap on the late runs and on the runs in progress listed per collection.
+    /// Cap on the late runs and on the runs in progress known (and listed when they change).
     pub max_listed_runs: usize,
     /// Settle delay of the state-change counters.
     pub events_settle: Duration,
@@ -247,7 +218,6 @@ pub struct Config {
     /// Longest time the per-state breakdown is reused (collect::flow_runs).
     pub flow_runs_max_age: Duration,
     /// How the per-state breakdown is read (collect::flow_runs).
-    pub flow_runs_read: FlowRunsRead,
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -468,10 +438,11 @@ impl Config {
             None => Duration::from_secs(DEFAULT_FLOW_RUNS_MAX_AGE_SECS),
         };
 
-        let flow_runs_read = match get("EXPORTER_FLOW_RUNS_READ") {
-            Some(v) => FlowRunsRead::parse(&v)?,
-            None => FlowRunsRead::Auto,
-        };
+        for (name, instead) in REMOVED_SETTINGS {
+            if get(name).is_some() {
+                warnings.push(format!("{name} is no longer read, and ignored: {instead}"));
+            }
+        }
 
         Ok(Config {
             api_url,
@@ -497,7 +468,6 @@ impl Config {
             events_settle,
             duration_buckets,
             flow_runs_max_age,
-            flow_runs_read,
             warnings,
         })
     }
@@ -526,7 +496,7 @@ impl fmt::Display for Config {
              ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
              interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
              max_deployments={} max_listed_runs={} events_settle={}s duration_buckets=[{}] \
-             flow_runs_max_age={}s flow_runs_read={}",
+             flow_runs_max_age={}s",
             self.api_url,
             auth,
             self.request_timeout.as_secs_f64(),
@@ -559,7 +529,6 @@ impl fmt::Display for Config {
                 .collect::<Vec<_>>()
                 .join(","),
             self.flow_runs_max_age.as_secs(),
-            self.flow_runs_read.as_str(),
         )
     }
 }
@@ -745,28 +714,17 @@ mod tests {
     }
 
     #[test]
-    fn flow_runs_read_is_auto_history_or_names() {
-        assert_eq!(parse(&[]).unwrap().flow_runs_read, FlowRunsRead::Auto);
-        for (v, want) in [
-            ("auto", FlowRunsRead::Auto),
-            ("history", FlowRunsRead::History),
-            (" Names ", FlowRunsRead::Names),
-        ] {
-            assert_eq!(
-                parse(&[("EXPORTER_FLOW_RUNS_READ", v)])
-                    .unwrap()
-                    .flow_runs_read,
-                want,
-                "{v}"
-            );
+    fn a_removed_setting_is_one_warning_not_an_error() {
+        for v in ["names", "history", "anything"] {
+            let c = parse(&[("EXPORTER_FLOW_RUNS_READ", v)]).unwrap();
+            let hits: Vec<&String> = c
+                .warnings
+                .iter()
+                .filter(|w| w.contains("EXPORTER_FLOW_RUNS_READ"))
+                .collect();
+            assert_eq!(hits.len(), 1, "{v}: {:?}", c.warnings);
         }
-        for v in ["both", "count", "history,names"] {
-            assert_eq!(
-                err_var(&[("EXPORTER_FLOW_RUNS_READ", v)]),
-                "EXPORTER_FLOW_RUNS_READ",
-                "{v:?}"
-            );
-        }
+        assert!(parse(&[]).unwrap().warnings.is_empty());
     }
 
     #[test]

@@ -14,7 +14,6 @@ pub(super) struct OpsSeries {
     late_total: IntGaugeVec,
     late_listed: IntGaugeVec,
     late_capped: IntGaugeVec,
-    late_age: GaugeVec,
     work_queues: IntGaugeVec,
     queue_info: IntGaugeVec,
     queue_last_polled: GaugeVec,
@@ -63,13 +62,6 @@ impl OpsSeries {
                 "prefect_late_flow_runs_capped",
                 "1 when EXPORTER_MAX_LISTED_RUNS stopped the late-run listing: the per-deployment \
                  and per-queue late counts then cover only the listed runs.",
-                &[],
-            ),
-            late_age: float(
-                "prefect_late_flow_runs_listing_age_seconds",
-                "Age of the late-run listing behind the per-deployment and per-queue late counts: \
-                 it is reused while the late count holds and no run later than the newest listed one is late, at most \
-                 10 minutes (0 when nothing is late).",
                 &[],
             ),
             work_queues: int("prefect_work_queues", "Work queues known to Prefect.", &[]),
@@ -172,9 +164,6 @@ impl OpsSeries {
         self.late_capped
             .with_label_values(none)
             .set(i64::from(s.capped));
-        self.late_age
-            .with_label_values(none)
-            .set(s.listing_age.as_secs_f64());
     }
 
     pub(super) fn apply_work_queues(&self, part: &WorkQueuesPart) {
@@ -320,7 +309,6 @@ mod tests {
                 total: 1500,
                 listed: 1000,
                 capped: true,
-                listing_age: Duration::from_secs(90),
             }),
             work_queues: Some(WorkQueuesPart {
                 queues: vec![WorkQueueSeries {
@@ -376,7 +364,6 @@ mod tests {
         assert_eq!(t["prefect_late_flow_runs"], 1500.0);
         assert_eq!(t["prefect_late_flow_runs_listed"], 1000.0);
         assert_eq!(t["prefect_late_flow_runs_capped"], 1.0);
-        assert_eq!(t["prefect_late_flow_runs_listing_age_seconds"], 90.0);
         assert_eq!(t["prefect_work_queues"], 1.0);
         assert_eq!(
             t["prefect_work_queue_info{paused=\"false\",priority=\"5\",status=\"NOT_READY\",work_pool=\"pool-ops\",work_queue=\"ops-limited\"}"],

@@ -11,9 +11,6 @@ pub struct LateRunsSummary {
     pub listed: u64,
     /// True when EXPORTER_MAX_LISTED_RUNS stopped the listing.
     pub capped: bool,
-    /// Age of the listing behind the per-deployment and per-queue counts: it
-    /// is reused while the late set looks unchanged (collect::late_runs).
-    pub listing_age: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
