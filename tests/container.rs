@@ -28,7 +28,11 @@ const MAX_IMAGE_BYTES: u64 = 4_000_000;
 /// exhaustion there needs `panic = "unwind"`, and the unwind tables and landing
 /// pads cost about 0.6 MB (shared/tiny-http.md: keep unwinding, keep the image
 /// under 4 MB). This bound still catches a dependency that bloats the binary.
-const MAX_BINARY_BYTES: u64 = 3_600_000;
+/// 3,600,000 until stop 26: 3,559,344 bytes before it, 3,613,904 after (the
+/// HTTP side's look at its own connections, the refusing thread and the start
+/// afresh on the same socket, and issue 23's proofs of the late runs and runs
+/// in progress), with no new dependency.
+const MAX_BINARY_BYTES: u64 = 3_650_000;
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
