@@ -71,8 +71,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// queued one waits until a thread is free, which a kept connection may never
 /// make it.
 const UNSERVED_AFTER: Duration = Duration::from_secs(1);
-/// Connections to ourselves made at most per look, for connections waiting.
-const WAKES_AT_MOST: usize = 64;
+/// Connections to ourselves made at most per look, for connections waiting:
+/// each takes the first one queued, which may be ahead of a scrape (an HTTP/2
+/// preface of a flood, whose thread then deadlocks too).
+const WAKES_AT_MOST: usize = 1024;
 /// How often the connections are looked at (idle ones closed, stuck ones
 /// counted): a directory listing and five system calls per connection.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -610,12 +612,15 @@ impl Watch {
         let looked = connections::each(port, |conn, socket| {
             open += 1;
             present.push(conn.inode);
+            // Queued ones count whether or not their client has gone: each
+            // is ahead of the next in the pool's queue.
+            if conn.unread && conn.since_received >= UNSERVED_AFTER {
+                unserved += 1;
+            }
             if !conn.established {
                 self.closing.entry(conn.inode).or_insert_with(Instant::now);
             } else if conn.idle >= READ_TIMEOUT && socket.shutdown(Close::Both).is_ok() {
                 idle += 1;
-            } else if conn.unread && conn.since_received >= UNSERVED_AFTER {
-                unserved += 1;
             }
         });
         if let Err(e) = looked {
@@ -632,8 +637,9 @@ impl Watch {
             log::debug!("{unserved} HTTP connections wait for a thread of tiny_http's pool");
             for _ in 0..unserved.min(WAKES_AT_MOST) {
                 if let Some(to) = wake_to {
-                    if let Ok(s) = std::net::TcpStream::connect_timeout(&to, TICK) {
-                        let _ = s.shutdown(Close::Both);
+                    match std::net::TcpStream::connect_timeout(&to, TICK) {
+                        Ok(s) => drop(s.shutdown(Close::Both)),
+                        Err(e) => log::debug!("cannot connect to {to} to wake a thread: {e}"),
                     }
                 }
             }
