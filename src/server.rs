@@ -520,20 +520,19 @@ impl Http<'_> {
 /// safe: no body, a small one already read, a chunked one (dropped unread),
 /// or `Connection: upgrade` (the stream itself is handed over).
 fn drained_on_drop(request: &Request) -> Option<usize> {
+    // A scrape has no body: its headers are not looked at.
+    let length = request.body_length().filter(|&n| n > 0)?;
     let header = |name: &'static str| {
         request
             .headers()
             .iter()
             .find(|h| h.field.equiv(name))
-            .map(|h| h.value.as_str().to_ascii_lowercase())
+            .map(|h| h.value.as_str().as_bytes())
     };
-    if header("Connection").is_some_and(|v| v.contains("upgrade")) {
-        return None;
-    }
-    let expect = header("Expect").is_some();
-    request
-        .body_length()
-        .filter(|&n| n > 1024 || (n > 0 && expect))
+    let upgrade = header("Connection")
+        .is_some_and(|v| v.windows(7).any(|w| w.eq_ignore_ascii_case(b"upgrade")));
+    let drained = length > 1024 || header("Expect").is_some();
+    (drained && !upgrade).then_some(length)
 }
 
 /// Answers 413 to a request whose body tiny_http would drain, off the main
@@ -635,11 +634,15 @@ impl Watch {
             // waiting. Should that not do, every thread is held for good (a
             // deadlock), and only starting afresh frees one.
             log::debug!("{unserved} HTTP connections wait for a thread of tiny_http's pool");
+            // The first failed connection ends the wakes: each may take up to
+            // TICK, and every scrape waits on this thread meanwhile.
             for _ in 0..unserved.min(WAKES_AT_MOST) {
-                if let Some(to) = wake_to {
-                    match std::net::TcpStream::connect_timeout(&to, TICK) {
-                        Ok(s) => drop(s.shutdown(Close::Both)),
-                        Err(e) => log::debug!("cannot connect to {to} to wake a thread: {e}"),
+                let Some(to) = wake_to else { break };
+                match std::net::TcpStream::connect_timeout(&to, TICK) {
+                    Ok(s) => drop(s.shutdown(Close::Both)),
+                    Err(e) => {
+                        log::debug!("cannot connect to {to} to wake a thread: {e}");
+                        break;
                     }
                 }
             }
