@@ -2,19 +2,11 @@
 //! thread, then the HTTP request loop on this main thread until SIGTERM/SIGINT,
 //! then a clean exit 0.
 
-mod collect;
-mod collector;
-mod config;
-mod metrics;
-mod prefect;
-mod process;
-mod server;
-mod snapshot;
-
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use config::{Config, ConfigError, SETTINGS};
+use prefect_exporter::config::{Config, ConfigError, SETTINGS};
+use prefect_exporter::{collector, metrics, prefect, server};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 

@@ -3,9 +3,7 @@
 //! runs on a server of its own.
 mod support;
 
-#[allow(dead_code)]
-#[path = "../src/collect/rfc3339.rs"]
-mod rfc3339;
+use prefect_exporter::rfc3339;
 
 use std::collections::HashMap;
 use std::process::Command;

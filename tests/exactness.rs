@@ -9,9 +9,7 @@
 //! - a run goes Pending -> Running -> Pending (forced): its new entry time.
 mod support;
 
-#[allow(dead_code)]
-#[path = "../src/collect/rfc3339.rs"]
-mod rfc3339;
+use prefect_exporter::rfc3339;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;

@@ -12,9 +12,7 @@
 //! (EXPORTER_MAX_LISTED_RUNS) it stops at the cap, and says so.
 mod support;
 
-#[allow(dead_code)]
-#[path = "../src/collect/rfc3339.rs"]
-mod rfc3339;
+use prefect_exporter::rfc3339;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -3,9 +3,7 @@
 //! test venv for the task-run events).
 mod support;
 
-#[allow(dead_code)]
-#[path = "../src/collect/rfc3339.rs"]
-mod rfc3339;
+use prefect_exporter::rfc3339;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

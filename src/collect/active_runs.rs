@@ -50,8 +50,8 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT, PAGE};
-use super::rfc3339;
 use crate::prefect::{ApiError, Client};
+use crate::rfc3339;
 use crate::snapshot::{ActiveRunsPart, ActiveRunsSeries, DeploymentSeries};
 
 pub const ACTIVE_TYPES: [&str; 2] = ["PENDING", "RUNNING"];

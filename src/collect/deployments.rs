@@ -55,8 +55,8 @@ use serde::{Deserialize, Serialize};
 
 use super::durations::{Durations, Ended};
 use super::listing::{After, Match, RunsFilter, StateWhere, Where, PAGE};
-use super::rfc3339;
 use crate::prefect::{ApiError, Client};
+use crate::rfc3339;
 use crate::snapshot::{DeploymentSeries, DeploymentsPart, TRACKED_END_STATES};
 
 /// How far before the previous collection's start runs are asked for again.

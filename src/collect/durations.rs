@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::rfc3339;
+use crate::rfc3339;
 use crate::snapshot::{Histogram, RunHistograms, TRACKED_END_STATES};
 
 /// The fields of an ended run that the histograms need.

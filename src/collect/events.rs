@@ -230,7 +230,7 @@ fn unix_micros(t: SystemTime) -> i64 {
 fn format_micros(us: i64) -> String {
     let secs = us.div_euclid(1_000_000);
     let frac = us.rem_euclid(1_000_000);
-    let whole = super::rfc3339::format(secs as f64);
+    let whole = crate::rfc3339::format(secs as f64);
     // `format` renders whole seconds as `...SS.000000Z`.
     format!("{}{frac:06}Z", &whole[..whole.len() - 7])
 }

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::rfc3339;
 use crate::prefect::{ApiError, Client};
+use crate::rfc3339;
 use crate::snapshot::StateCount;
 
 /// Twenty years either side of now: runs scheduled further out are not counted.

@@ -9,7 +9,6 @@ pub mod events;
 pub mod flow_runs;
 pub mod late_runs;
 pub mod listing;
-pub mod rfc3339;
 pub mod seed;
 pub mod work_pools;
 pub mod work_queues;

@@ -14,8 +14,8 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use super::listing::all_pages;
-use super::rfc3339;
 use crate::prefect::{ApiError, Client};
+use crate::rfc3339;
 use crate::snapshot::{WorkPoolSeries, WorkPoolsPart};
 
 /// Always shown per pool, at 0 when no worker has that status.

@@ -13,8 +13,8 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use super::listing::all_pages;
-use super::rfc3339;
 use crate::prefect::{ApiError, Client};
+use crate::rfc3339;
 use crate::snapshot::{WorkQueueSeries, WorkQueuesPart};
 
 #[derive(Deserialize)]

@@ -55,7 +55,7 @@ pub(super) fn token_lifetime(
 
 /// An RFC 3339 timestamp as Prefect writes them (`2024-05-01T12:00:00.123456Z`).
 pub(super) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let secs = crate::collect::rfc3339::parse(s)?;
+    let secs = crate::rfc3339::parse(s)?;
     (secs >= 0.0 && secs.is_finite()).then(|| UNIX_EPOCH + Duration::from_secs_f64(secs))
 }
 
