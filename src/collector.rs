@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::collect;
+use crate::collect::Snapshot;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::prefect::Client;
-use crate::snapshot::Snapshot;
 
 /// A failure in progress: logged at WARN when it starts, at DEBUG while it lasts,
 /// at INFO when it ends, so a long outage is three lines, not thousands.
@@ -65,13 +65,7 @@ fn log_outcome(snap: &Snapshot, outage: &mut Option<Outage>, first_success: &mut
                 );
             }
             *outage = None;
-            let summary = match &snap.seed {
-                Some(s) => format!(
-                    "{} flow runs, {} successes, {} in error, {} in warning, {} missing deployments",
-                    s.total, s.successes, s.errors, s.warnings, s.missing_deployments
-                ),
-                None => String::new(),
-            };
+            let summary = snap.seed_summary();
             if *first_success {
                 log::info!(
                     "first collection succeeded in {}: {summary}",

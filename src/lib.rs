@@ -14,4 +14,3 @@ pub mod prefect;
 pub mod process;
 pub mod rfc3339;
 pub mod server;
-pub mod snapshot;

@@ -49,10 +49,11 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::deployments::DeploymentSeries;
+use super::family::Family;
 use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT, PAGE};
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
-use crate::snapshot::{ActiveRunsPart, ActiveRunsSeries, DeploymentSeries};
 
 pub const ACTIVE_TYPES: [&str; 2] = ["PENDING", "RUNNING"];
 const ACTIVE: States = States::Types(&ACTIVE_TYPES);
@@ -146,7 +147,7 @@ pub fn collect(
     max: usize,
     state: &mut State,
     deadline: Instant,
-) -> Result<ActiveRunsPart, ApiError> {
+) -> Result<(Vec<Family>, bool), ApiError> {
     // Taken out: any failure below leaves nothing to prove next time.
     let known = match state.known.take() {
         Some(k) if k.runs.len() >= PROVE_FROM => update(client, k, max, deadline)?,
@@ -169,7 +170,7 @@ pub fn collect(
         }
     };
     let capped = known.total > known.runs.len() as u64;
-    let out = part(known.runs.values(), capped, deployments);
+    let out = (families(known.runs.values(), capped, deployments), capped);
     state.known = Some(known);
     Ok(out)
 }
@@ -329,11 +330,13 @@ fn entered(run: &ActiveRun) -> Option<f64> {
     rfc3339::parse(t)
 }
 
-fn part<'a>(
+/// The runs in progress of each listed deployment, per state type (at 0 when
+/// none), and how complete the listing was.
+fn families<'a>(
     runs: impl Iterator<Item = &'a ActiveRun>,
     capped: bool,
     deployments: &[DeploymentSeries],
-) -> ActiveRunsPart {
+) -> Vec<Family> {
     let mut by_deployment: HashMap<&str, PerType> = HashMap::new();
     let mut listed = 0;
     for run in runs {
@@ -350,32 +353,51 @@ fn part<'a>(
             entry.1 = Some(entry.1.map_or(t, |o: f64| o.min(t)));
         }
     }
-    let mut items = Vec::with_capacity(deployments.len() * 2);
+    const LABELS: &[&str] = &["deployment", "flow", "state_type"];
+    let mut active = Family::gauge(
+        "prefect_deployment_active_flow_runs",
+        "Flow runs of the deployment in progress, per state type (PENDING, RUNNING).",
+        LABELS,
+    );
+    let mut oldest = Family::gauge(
+        "prefect_deployment_oldest_active_flow_run_timestamp_seconds",
+        "Unix time at which the longest-waiting run still in this state type entered it \
+         (RUNNING: its start; PENDING: its Pending state's time).",
+        LABELS,
+    );
     for d in deployments {
         let per = by_deployment
             .get(d.id.as_str())
             .copied()
             .unwrap_or_default();
-        for (state_type, (count, oldest)) in ACTIVE_TYPES.iter().zip(per) {
-            items.push(ActiveRunsSeries {
-                deployment: d.name.clone(),
-                flow: d.flow.clone(),
-                state_type,
-                count,
-                oldest,
-            });
+        for (state_type, (count, first)) in ACTIVE_TYPES.iter().zip(per) {
+            let labels = [d.name.as_str(), d.flow.as_str(), state_type];
+            active.set(&labels, count as f64);
+            if let Some(t) = first {
+                oldest.set(&labels, t);
+            }
         }
     }
-    ActiveRunsPart {
-        items,
-        listed,
-        capped,
-    }
+    vec![
+        active,
+        oldest,
+        Family::single(
+            "prefect_active_flow_runs_listed",
+            "Flow runs in PENDING or RUNNING listed in the last collection.",
+            listed as f64,
+        ),
+        Family::single(
+            "prefect_active_flow_runs_capped",
+            "1 when EXPORTER_MAX_LISTED_RUNS stopped the listing of runs in progress.",
+            f64::from(u8::from(capped)),
+        ),
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::family::{len, value};
     use crate::collect::test_fixtures::deployment;
 
     fn t(s: &str) -> f64 {
@@ -394,27 +416,36 @@ mod tests {
             deployment("c081ea7b-51f1-4697-b825-5c31969c75a4", "ops-etl"),
             deployment("other", "idle"),
         ];
-        let p = part(runs.iter(), false, &deps);
-        assert_eq!(p.listed, 4);
-        assert!(!p.capped);
-        assert_eq!(p.items.len(), 4, "two state types per deployment");
-        let get = |dep: &str, st: &str| {
-            p.items
-                .iter()
-                .find(|i| i.deployment == dep && i.state_type == st)
-                .unwrap()
-                .clone()
+        let f = families(runs.iter(), false, &deps);
+        assert_eq!(value(&f, "prefect_active_flow_runs_listed", &[]), Some(4.0));
+        assert_eq!(value(&f, "prefect_active_flow_runs_capped", &[]), Some(0.0));
+        assert_eq!(
+            len(&f, "prefect_deployment_active_flow_runs"),
+            4,
+            "two state types per deployment"
+        );
+        let get = |dep: &str, flow: &str, st: &str| {
+            let l = [dep, flow, st];
+            (
+                value(&f, "prefect_deployment_active_flow_runs", &l),
+                value(
+                    &f,
+                    "prefect_deployment_oldest_active_flow_run_timestamp_seconds",
+                    &l,
+                ),
+            )
         };
         // Pending: forced at 06:17:23.716196, created Pending at 06:17:24.735175.
-        let pending = get("ops-etl", "PENDING");
-        assert_eq!(pending.count, 2);
-        assert_eq!(pending.oldest, Some(t("2026-12-01T06:17:23.716196Z")));
+        assert_eq!(
+            get("ops-etl", "flow-ops", "PENDING"),
+            (Some(2.0), Some(t("2026-12-01T06:17:23.716196Z")))
+        );
         // Running: started 06:17:23.845390 (forced) and 06:17:24.648592.
-        let running = get("ops-etl", "RUNNING");
-        assert_eq!(running.count, 2);
-        assert_eq!(running.oldest, Some(t("2026-12-01T06:17:23.845390Z")));
-        let idle = get("idle", "RUNNING");
-        assert_eq!((idle.count, idle.oldest), (0, None));
+        assert_eq!(
+            get("ops-etl", "flow-ops", "RUNNING"),
+            (Some(2.0), Some(t("2026-12-01T06:17:23.845390Z")))
+        );
+        assert_eq!(get("idle", "flow-ops", "RUNNING"), (Some(0.0), None));
     }
 
     #[test]
@@ -431,19 +462,23 @@ mod tests {
                  "state":{"timestamp":"2026-01-01T04:00:00Z"}}]"#,
         )
         .unwrap();
-        let p = part(runs.iter(), true, &[deployment("d", "daily")]);
-        assert!(p.capped);
-        assert_eq!(p.listed, 5);
-        assert_eq!(p.items[0].state_type, "PENDING");
-        assert_eq!(
-            (p.items[0].count, p.items[0].oldest),
-            (2, Some(t("2026-01-01T02:00:00Z")))
-        );
+        let f = families(runs.iter(), true, &[deployment("d", "daily")]);
+        assert_eq!(value(&f, "prefect_active_flow_runs_capped", &[]), Some(1.0));
+        assert_eq!(value(&f, "prefect_active_flow_runs_listed", &[]), Some(5.0));
+        let get = |st: &str| {
+            let l = ["daily", "flow-ops", st];
+            (
+                value(&f, "prefect_deployment_active_flow_runs", &l),
+                value(
+                    &f,
+                    "prefect_deployment_oldest_active_flow_run_timestamp_seconds",
+                    &l,
+                ),
+            )
+        };
+        assert_eq!(get("PENDING"), (Some(2.0), Some(t("2026-01-01T02:00:00Z"))));
         // A RUNNING run without a start falls back to its state's time.
-        assert_eq!(
-            (p.items[1].count, p.items[1].oldest),
-            (2, Some(t("2026-01-01T00:00:00Z")))
-        );
+        assert_eq!(get("RUNNING"), (Some(2.0), Some(t("2026-01-01T00:00:00Z"))));
     }
 
     #[test]

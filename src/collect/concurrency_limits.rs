@@ -13,9 +13,18 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::deployments::DeploymentSeries;
+use super::family::Family;
 use super::listing::all_pages;
 use crate::prefect::{ApiError, Client};
-use crate::snapshot::{ConcurrencyLimitSeries, DeploymentSeries};
+
+struct ConcurrencyLimitSeries {
+    /// The limit's name; a deployment's limit reads `flow/deployment`.
+    name: String,
+    limit: u64,
+    active_slots: u64,
+    enabled: bool,
+}
 
 const DEPLOYMENT_PREFIX: &str = "deployment:";
 
@@ -38,14 +47,39 @@ pub fn collect(
     client: &mut Client,
     deployments: &[DeploymentSeries],
     deadline: Instant,
-) -> Result<Vec<ConcurrencyLimitSeries>, ApiError> {
+) -> Result<Vec<Family>, ApiError> {
     let limits: Vec<Limit> = all_pages(
         client,
         "/v2/concurrency_limits/filter",
         |l: &Limit| &l.id,
         deadline,
     )?;
-    Ok(series(limits, deployments))
+    Ok(families(&series(limits, deployments)))
+}
+
+fn families(limits: &[ConcurrencyLimitSeries]) -> Vec<Family> {
+    const NAME: &[&str] = &["name"];
+    let mut slots = Family::gauge(
+        "prefect_concurrency_limit_slots",
+        "Slots of the global concurrency limit (deployment limits named flow/deployment).",
+        NAME,
+    );
+    let mut active = Family::gauge(
+        "prefect_concurrency_limit_active_slots",
+        "Slots of the global concurrency limit in use.",
+        NAME,
+    );
+    let mut enabled = Family::gauge(
+        "prefect_concurrency_limit_enabled",
+        "1 when the global concurrency limit is active, else 0.",
+        NAME,
+    );
+    for l in limits {
+        slots.set(&[&l.name], l.limit as f64);
+        active.set(&[&l.name], l.active_slots as f64);
+        enabled.set(&[&l.name], f64::from(u8::from(l.enabled)));
+    }
+    vec![slots, active, enabled]
 }
 
 fn series(limits: Vec<Limit>, deployments: &[DeploymentSeries]) -> Vec<ConcurrencyLimitSeries> {

@@ -54,10 +54,32 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::durations::{Durations, Ended};
+use super::family::{bool_label, Family};
 use super::listing::{After, Match, RunsFilter, StateWhere, Where, PAGE};
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
-use crate::snapshot::{DeploymentSeries, DeploymentsPart, TRACKED_END_STATES};
+
+/// The state types whose newest run per deployment is tracked.
+pub const TRACKED_END_STATES: [&str; 3] = ["COMPLETED", "FAILED", "CRASHED"];
+
+/// One deployment, labelled by its name and its flow's name (a deployment name
+/// alone is only unique within its flow): the directory that the runs in
+/// progress and the deployment limits are labelled from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentSeries {
+    /// Prefect's id: joins the runs in progress and the deployment limits.
+    pub id: String,
+    pub name: String,
+    pub flow: String,
+    /// Empty when the deployment has no work pool.
+    pub work_pool: String,
+    pub paused: bool,
+    pub status: String,
+    /// Unix time of the newest run that ended in each of `TRACKED_END_STATES`,
+    /// in that order; `None` when none is known.
+    pub last_run: [Option<f64>; 3],
+    pub late_runs: u64,
+}
 
 /// How far before the previous collection's start runs are asked for again.
 pub const OVERLAP: Duration = Duration::from_secs(30);
@@ -247,7 +269,7 @@ pub fn collect(
     state: &mut State,
     late: &HashMap<String, u64>,
     deadline: Instant,
-) -> Result<DeploymentsPart, ApiError> {
+) -> Result<(Vec<Family>, Vec<DeploymentSeries>), ApiError> {
     let flows: u64 = client.post("/flows/count", &Empty {}, deadline)?;
     let max = settings.max_deployments;
     let (listed, all) = list_deployments(client, max, deadline)?;
@@ -274,12 +296,15 @@ pub fn collect(
     update_last_runs(client, settings, state, deadline)?;
 
     let items = build_items(&listed, &state.flow_names, &state.last_runs, late);
-    let histograms = state.durations.series(
-        items
-            .iter()
-            .zip(&listed)
-            .map(|(i, d)| (d.id.as_str(), i.name.as_str(), i.flow.as_str())),
-        capped,
+    let mut families = families(flows, total, &items);
+    families.extend(
+        state.durations.families(
+            items
+                .iter()
+                .zip(&listed)
+                .map(|(i, d)| (d.id.as_str(), i.name.as_str(), i.flow.as_str())),
+            capped,
+        ),
     );
     // Forget what belongs to deleted deployments. When the cap cuts, a
     // deployment that is not listed may still exist: keep its times.
@@ -295,12 +320,46 @@ pub fn collect(
     state
         .flow_names
         .retain(|id, _| flow_ids.contains(id.as_str()));
-    Ok(DeploymentsPart {
-        flows,
-        deployments: total,
-        items,
-        histograms,
-    })
+    Ok((families, items))
+}
+
+fn families(flows: u64, deployments: u64, items: &[DeploymentSeries]) -> Vec<Family> {
+    let mut info = Family::gauge(
+        "prefect_deployment_info",
+        "One series per deployment (at most EXPORTER_MAX_DEPLOYMENTS); always 1.",
+        &["deployment", "flow", "work_pool", "paused", "status"],
+    );
+    let mut last_run = Family::gauge(
+        "prefect_deployment_last_run_timestamp_seconds",
+        "Unix time at which the newest run of the deployment ended in this state type.",
+        &["deployment", "flow", "state_type"],
+    );
+    let mut late = Family::gauge(
+        "prefect_deployment_late_flow_runs",
+        "Flow runs of the deployment in the state Late.",
+        &["deployment", "flow"],
+    );
+    for d in items {
+        let paused = bool_label(d.paused);
+        info.set(&[&d.name, &d.flow, &d.work_pool, paused, &d.status], 1.0);
+        for (state_type, at) in TRACKED_END_STATES.iter().zip(d.last_run) {
+            if let Some(at) = at {
+                last_run.set(&[&d.name, &d.flow, state_type], at);
+            }
+        }
+        late.set(&[&d.name, &d.flow], d.late_runs as f64);
+    }
+    vec![
+        Family::single("prefect_flows", "Flows known to Prefect.", flows as f64),
+        Family::single(
+            "prefect_deployments",
+            "Deployments known to Prefect.",
+            deployments as f64,
+        ),
+        info,
+        last_run,
+        late,
+    ]
 }
 
 /// The newest `wanted` deployments, 200 per request, each once, and whether

@@ -22,8 +22,29 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::deployments::TRACKED_END_STATES;
+use super::family::Family;
 use crate::rfc3339;
-use crate::snapshot::{Histogram, RunHistograms, TRACKED_END_STATES};
+
+/// Observations of one histogram: `counts[i]` values fell at or below
+/// `bounds[i]` and above the bound before it (not cumulative).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    /// One more than `bounds`: the last is above every bound (`+Inf`).
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+/// The histograms of one listed deployment.
+struct RunHistograms {
+    deployment: String,
+    flow: String,
+    /// Run durations by end state, in `TRACKED_END_STATES` order.
+    duration: [Option<Histogram>; 3],
+    start_delay: Option<Histogram>,
+}
 
 /// The fields of an ended run that the histograms need.
 pub struct Ended<'a> {
@@ -115,10 +136,44 @@ impl Durations {
         }
     }
 
-    /// The histograms of the listed deployments (id, name, flow name). Unless
-    /// the list was cut by EXPORTER_MAX_DEPLOYMENTS, a deployment that is not
-    /// listed is gone, and so are its histograms.
-    pub fn series<'a>(
+    /// The families of the listed deployments (id, name, flow name),
+    /// cumulative since the exporter started.
+    pub fn families<'a>(
+        &mut self,
+        listed: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
+        capped: bool,
+    ) -> Vec<Family> {
+        let mut duration = Family::histogram(
+            "prefect_flow_run_duration_seconds",
+            "Wall time from start_time to end_time (0 if never started) of the \
+             deployment's flow runs that ended in this state type since the exporter \
+             started; _count is every such run.",
+            &["deployment", "flow", "state_type"],
+        );
+        let mut delay = Family::histogram(
+            "prefect_flow_run_start_delay_seconds",
+            "Seconds from expected_start_time to start_time of the deployment's flow runs \
+             that ended since the exporter started (0 when early).",
+            &["deployment", "flow"],
+        );
+        for h in self.series(listed, capped) {
+            let (dep, flow) = (h.deployment.as_str(), h.flow.as_str());
+            for (state_type, d) in TRACKED_END_STATES.iter().zip(&h.duration) {
+                if let Some(d) = d {
+                    duration.observe(&[dep, flow, state_type], d);
+                }
+            }
+            if let Some(d) = &h.start_delay {
+                delay.observe(&[dep, flow], d);
+            }
+        }
+        vec![duration, delay]
+    }
+
+    /// The histograms of the listed deployments. Unless the list was cut by
+    /// EXPORTER_MAX_DEPLOYMENTS, a deployment that is not listed is gone, and
+    /// so are its histograms.
+    fn series<'a>(
         &mut self,
         listed: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
         capped: bool,

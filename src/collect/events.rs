@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::family::Family;
 use crate::prefect::{ApiError, Client};
-use crate::snapshot::StateChanges;
 
 /// How often a server that lacks the endpoint (404, 405) is asked again.
 const UNSUPPORTED_RECHECK: Duration = Duration::from_secs(3600);
@@ -58,6 +58,20 @@ pub const KNOWN_STATE_NAMES: &[&str] = &[
 const FAMILIES: [(&str, &str); 2] = [
     ("prefect.flow-run.", "prefect.flow-run.heartbeat"),
     ("prefect.task-run.", "prefect.task-run.heartbeat"),
+];
+
+/// The counter of each of `FAMILIES`, in that order.
+const COUNTERS: [(&str, &str); 2] = [
+    (
+        "prefect_flow_run_state_changes_total",
+        "Flow-run state changes into each state since the exporter started, counted \
+         from Prefect's events (EXPORTER_EVENTS_SETTLE behind).",
+    ),
+    (
+        "prefect_task_run_state_changes_total",
+        "Task-run state changes into each state since the exporter started, counted \
+         from Prefect's events (EXPORTER_EVENTS_SETTLE behind; sent by the Prefect SDK).",
+    ),
 ];
 
 /// What this group remembers between collections.
@@ -173,7 +187,7 @@ pub fn collect(
     settle: Duration,
     state: &mut State,
     deadline: Instant,
-) -> Result<Option<StateChanges>, ApiError> {
+) -> Result<Option<Vec<Family>>, ApiError> {
     if state.unsupported_until.is_some_and(|t| Instant::now() < t) {
         return Ok(None);
     }
@@ -211,11 +225,19 @@ pub fn collect(
         state.counted_until = until;
     }
     state.unsupported_until = None;
-    let [flow_runs, task_runs] = state.totals.clone().unwrap_or_default();
-    Ok(Some(StateChanges {
-        flow_runs,
-        task_runs,
-    }))
+    let totals = state.totals.as_ref().map_or(&[][..], |t| &t[..]);
+    let families = COUNTERS
+        .iter()
+        .zip(totals)
+        .map(|((name, help), totals)| {
+            let mut f = Family::counter(name, help, &["state_name"]);
+            for (state_name, total) in totals {
+                f.set(&[state_name], *total as f64);
+            }
+            f
+        })
+        .collect();
+    Ok(Some(families))
 }
 
 fn unix_micros(t: SystemTime) -> i64 {

@@ -33,9 +33,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::family::Family;
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
-use crate::snapshot::StateCount;
+
+/// Runs per (state type, state name).
+type Counts = BTreeMap<(String, String), u64>;
 
 /// Twenty years either side of now: runs scheduled further out are not counted.
 const HALF_SPAN_SECS: u64 = 20 * 365 * 86_400;
@@ -97,7 +100,7 @@ pub struct State {
 }
 
 struct Reading {
-    counts: Vec<StateCount>,
+    counts: Counts,
     at: Instant,
     took: Duration,
 }
@@ -113,22 +116,36 @@ fn reuse_for(took: Duration, max_age: Duration) -> Duration {
     took.saturating_mul(COST_FACTOR).min(max_age)
 }
 
-/// The per-state counts and their age in seconds (0 when read just now). A
-/// failed read fails the group: the series keep the values (and the age) of
-/// the last success, and the next collection tries again.
+/// The per-state counts and their age (0 when read just now). A failed read
+/// fails the group: the series keep the values (and the age) of the last
+/// success, and the next collection tries again.
 pub fn collect(
     client: &mut Client,
     max_age: Duration,
     state: &mut State,
     deadline: Instant,
-) -> Result<(Vec<StateCount>, f64), ApiError> {
+) -> Result<Vec<Family>, ApiError> {
     let reading = match state.last.take() {
         Some(r) if !r.expired(max_age) => r,
         _ => read(client, deadline)?,
     };
-    let out = (reading.counts.clone(), reading.at.elapsed().as_secs_f64());
+    let mut runs = Family::gauge(
+        "prefect_flow_runs",
+        "Flow runs per state type and state name (custom names included).",
+        &["state_type", "state_name"],
+    );
+    for ((state_type, state_name), n) in &reading.counts {
+        runs.set(&[state_type, state_name], *n as f64);
+    }
+    let age = Family::single(
+        "prefect_flow_runs_age_seconds",
+        "Seconds between the reading of prefect_flow_runs from Prefect and the last \
+         collection (the breakdown is read again after 3000 times its read time, \
+         at most EXPORTER_FLOW_RUNS_MAX_AGE).",
+        reading.at.elapsed().as_secs_f64(),
+    );
     state.last = Some(reading);
-    Ok(out)
+    Ok(vec![runs, age])
 }
 
 fn read(client: &mut Client, deadline: Instant) -> Result<Reading, ApiError> {
@@ -153,8 +170,8 @@ fn history_request(now: f64) -> HistoryRequest {
 
 /// Sums the buckets (there is one, but a server may split it) over the known
 /// states at zero.
-fn state_counts(buckets: &[Bucket]) -> Vec<StateCount> {
-    let mut counts: BTreeMap<(String, String), u64> = KNOWN_STATES
+fn state_counts(buckets: &[Bucket]) -> Counts {
+    let mut counts: Counts = KNOWN_STATES
         .iter()
         .map(|(t, n)| ((t.to_string(), n.to_string()), 0))
         .collect();
@@ -163,19 +180,7 @@ fn state_counts(buckets: &[Bucket]) -> Vec<StateCount> {
             .entry((s.state_type.clone(), s.state_name.clone()))
             .or_insert(0) += s.count_runs;
     }
-    listed(counts)
-}
-
-/// Counts by (state type, state name), in that order.
-fn listed(counts: BTreeMap<(String, String), u64>) -> Vec<StateCount> {
     counts
-        .into_iter()
-        .map(|((state_type, state_name), count)| StateCount {
-            state_type,
-            state_name,
-            count,
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -189,17 +194,14 @@ mod tests {
         serde_json::from_value(v["response"].clone()).unwrap()
     }
 
-    fn get(counts: &[StateCount], t: &str, n: &str) -> Option<u64> {
-        counts
-            .iter()
-            .find(|c| c.state_type == t && c.state_name == n)
-            .map(|c| c.count)
+    fn get(counts: &Counts, t: &str, n: &str) -> Option<u64> {
+        counts.get(&(t.to_string(), n.to_string())).copied()
     }
 
     #[test]
     fn the_recorded_answer_gives_every_state() {
         let counts = state_counts(&sample_buckets());
-        assert_eq!(counts.iter().map(|c| c.count).sum::<u64>(), 20_000);
+        assert_eq!(counts.values().sum::<u64>(), 20_000);
         assert_eq!(get(&counts, "SCHEDULED", "Late"), Some(632));
         assert_eq!(get(&counts, "COMPLETED", "Cached"), Some(1263));
         assert_eq!(get(&counts, "FAILED", "TimedOut"), Some(423));
@@ -223,7 +225,7 @@ mod tests {
         assert_eq!(counts.len(), KNOWN_STATES.len() + 1);
         // An empty history still shows the known states, at 0.
         let counts = state_counts(&[]);
-        assert!(counts.iter().all(|c| c.count == 0));
+        assert!(counts.values().all(|c| *c == 0));
     }
 
     #[test]
@@ -259,7 +261,7 @@ mod tests {
             Duration::ZERO
         );
         let read = |ago: u64, took_ms: u64| Reading {
-            counts: Vec::new(),
+            counts: Counts::new(),
             at: Instant::now() - Duration::from_secs(ago),
             took: Duration::from_millis(took_ms),
         };

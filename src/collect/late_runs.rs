@@ -38,9 +38,45 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::family::Family;
 use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT};
 use crate::prefect::{ApiError, Client};
-use crate::snapshot::LateRunsSummary;
+
+/// How complete the late-run split of the deployments and work queues groups is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LateRunsSummary {
+    /// Late runs on the server, from one count: exact whatever the cap.
+    pub total: u64,
+    /// Late runs listed, and so counted per deployment and per queue.
+    pub listed: u64,
+    /// True when EXPORTER_MAX_LISTED_RUNS stopped the listing.
+    pub capped: bool,
+}
+
+impl LateRunsSummary {
+    /// Shown whenever a group that needs the late runs is on: the paging
+    /// alerts read `prefect_late_flow_runs`.
+    pub fn families(&self) -> Vec<Family> {
+        vec![
+            Family::single(
+                "prefect_late_flow_runs",
+                "Flow runs in the state Late, from one count: exact whatever the listing cap.",
+                self.total as f64,
+            ),
+            Family::single(
+                "prefect_late_flow_runs_listed",
+                "Late flow runs listed and counted per deployment and per work queue.",
+                self.listed as f64,
+            ),
+            Family::single(
+                "prefect_late_flow_runs_capped",
+                "1 when EXPORTER_MAX_LISTED_RUNS stopped the late-run listing: the per-deployment \
+                 and per-queue late counts then cover only the listed runs.",
+                f64::from(u8::from(self.capped)),
+            ),
+        ]
+    }
+}
 
 const LATE_NAME: [&str; 1] = ["Late"];
 const LATE: States = States::Names(&LATE_NAME);

@@ -1,11 +1,14 @@
-//! One collection: every group asks Prefect for its part, each succeeding or
-//! failing on its own, and the result is one `Snapshot`.
+//! One collection: every group asks Prefect for its part and builds its own
+//! families from the answers, each succeeding or failing on its own; the
+//! result is one `Snapshot`. A new group is a file here and one `run_group`
+//! call in `collect_all`.
 
 pub mod active_runs;
 pub mod concurrency_limits;
 pub mod deployments;
 pub mod durations;
 pub mod events;
+pub mod family;
 pub mod flow_runs;
 pub mod late_runs;
 pub mod listing;
@@ -15,9 +18,80 @@ pub mod work_queues;
 
 use std::time::{Duration, Instant, SystemTime};
 
+use prometheus::proto::MetricFamily;
+
 use crate::config::Config;
 use crate::prefect::{ApiError, Client};
-use crate::snapshot::{DeploymentSeries, GroupOutcome, OpsParts, Snapshot};
+use deployments::DeploymentSeries;
+use family::Family;
+
+/// How one collect group fared in this collection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupOutcome {
+    pub name: &'static str,
+    pub duration: Duration,
+    /// `None` when the group succeeded.
+    pub error: Option<String>,
+}
+
+/// What one collection gives `Metrics::update`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The families of each group that succeeded, by group: they replace the
+    /// group's last ones. A group that failed or is off is not here, and its
+    /// series keep their last good values.
+    pub families: Vec<(&'static str, Vec<MetricFamily>)>,
+    pub groups: Vec<GroupOutcome>,
+    /// Requests sent to Prefect during the collection, by `code` label.
+    pub requests: Vec<(String, u64)>,
+    pub duration: Duration,
+    pub finished: SystemTime,
+}
+
+impl Snapshot {
+    /// A collection succeeds only when every group did.
+    pub fn succeeded(&self) -> bool {
+        self.groups.iter().all(|g| g.error.is_none())
+    }
+
+    /// The six specified values for the log, as `name value` pairs.
+    pub fn seed_summary(&self) -> String {
+        let seed = self.families.iter().find(|(g, _)| *g == "seed");
+        seed.map(|(_, families)| {
+            let pairs: Vec<String> = families
+                .iter()
+                .filter_map(|f| {
+                    let v = f.get_metric().first()?.get_gauge().get_value();
+                    Some(format!("{} {v}", f.name()))
+                })
+                .collect();
+            pairs.join(", ")
+        })
+        .unwrap_or_default()
+    }
+
+    /// The first failure, for logs and /readyz.
+    pub fn first_error(&self) -> Option<String> {
+        self.groups
+            .iter()
+            .find_map(|g| g.error.as_ref().map(|e| format!("{}: {e}", g.name)))
+    }
+}
+
+/// The families of one group, as the encoder takes them.
+fn finished(families: Vec<Family>) -> Vec<MetricFamily> {
+    families.into_iter().filter_map(Family::finish).collect()
+}
+
+fn server_info(version: &str) -> Vec<Family> {
+    let mut f = Family::gauge(
+        "prefect_server_info",
+        "Version of the Prefect server, as the API reports it.",
+        &["version"],
+    );
+    f.set(&[version], 1.0);
+    vec![f]
+}
 
 /// The server version rarely changes: ask for it at start, after a failure (the
 /// server may have been upgraded while it was away) and then hourly, so a
@@ -135,15 +209,18 @@ pub fn collect_all(
 ) -> Snapshot {
     let started = Instant::now();
     let mut groups = Vec::new();
+    let mut families = Vec::new();
 
     let seed = run_group("seed", &mut groups, || {
         seed::collect(client, &config.check_deployments, deadline)
     });
+    let seed_ok = seed.is_some();
+    families.extend(seed.map(|f| ("seed", finished(f))));
 
     let stale = state
         .version_checked
         .is_none_or(|at| at.elapsed() >= VERSION_REFRESH);
-    if seed.is_some() && (stale || state.last_failed) {
+    if seed_ok && (stale || state.last_failed) {
         // Not every deployment answers (Prefect Cloud has no admin API): a missing
         // version is no failure, the series is simply absent.
         match client.get::<String>("/admin/version", deadline) {
@@ -161,35 +238,40 @@ pub fn collect_all(
             Err(e) => log::debug!("Prefect server version not read this time: {e}"),
         }
     }
+    if let Some(v) = &state.server_version {
+        families.push(("server_info", finished(server_info(v))));
+    }
 
     let on = config.collectors;
     let mut late = None;
     // Whether the directory was listed this collection (deployments group off).
     let mut listed = None;
-    let flow_runs = if on.flow_runs {
-        run_group("flow_runs", &mut groups, || {
-            shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
-            flow_runs::collect(
-                client,
-                config.flow_runs_max_age,
-                &mut state.flow_runs,
-                deadline,
-            )
-        })
-    } else {
-        None
+    let mut add = |name: &'static str, f: Option<Vec<Family>>| {
+        if let Some(f) = f {
+            families.push((name, finished(f)));
+        }
     };
-    let (flow_runs, flow_runs_age) = match flow_runs {
-        Some((counts, age)) => (Some(counts), Some(age)),
-        None => (None, None),
-    };
-    let deployments = if on.deployments {
+    if on.flow_runs {
+        add(
+            "flow_runs",
+            run_group("flow_runs", &mut groups, || {
+                shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
+                flow_runs::collect(
+                    client,
+                    config.flow_runs_max_age,
+                    &mut state.flow_runs,
+                    deadline,
+                )
+            }),
+        );
+    }
+    if on.deployments {
         let settings = deployments::Settings {
             lookback: config.lookback,
             max_deployments: config.max_deployments,
             duration_buckets: config.duration_buckets.clone(),
         };
-        run_group("deployments", &mut groups, || {
+        let part = run_group("deployments", &mut groups, || {
             let late = shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
             deployments::collect(
                 client,
@@ -198,88 +280,75 @@ pub fn collect_all(
                 &late.by_deployment,
                 deadline,
             )
-        })
-    } else {
-        None
-    };
-    if let Some(part) = &deployments {
-        state.directory.items = part.items.clone();
+        });
+        if let Some((f, items)) = part {
+            state.directory.items = items;
+            add("deployments", Some(f));
+        }
     }
-    let work_pools = if on.work_pools {
-        run_group("work_pools", &mut groups, || {
-            work_pools::collect(client, deadline)
-        })
-    } else {
-        None
-    };
-    let work_queues = if on.work_queues {
-        run_group("work_queues", &mut groups, || {
-            let late = shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
-            work_queues::collect(client, &late.by_queue, deadline)
-        })
-    } else {
-        None
-    };
-    let active_flow_runs = if on.active_flow_runs {
-        run_group("active_flow_runs", &mut groups, || {
-            let dir =
-                shared_directory(&mut listed, client, config, &mut state.directory, deadline)?;
-            active_runs::collect(
-                client,
-                dir,
-                config.max_listed_runs,
-                &mut state.active_runs,
-                deadline,
-            )
-        })
-    } else {
-        None
-    };
-    let concurrency_limits = if on.concurrency_limits {
-        run_group("concurrency_limits", &mut groups, || {
-            let dir =
-                shared_directory(&mut listed, client, config, &mut state.directory, deadline)?;
-            concurrency_limits::collect(client, dir, deadline)
-        })
-    } else {
-        None
-    };
-    let ops = OpsParts {
-        late_runs: late.and_then(Result::ok).map(|l| l.summary),
-        work_queues,
-        active_flow_runs,
-        concurrency_limits,
-    };
-
+    if on.work_pools {
+        add(
+            "work_pools",
+            run_group("work_pools", &mut groups, || {
+                work_pools::collect(client, deadline)
+            }),
+        );
+    }
+    if on.work_queues {
+        add(
+            "work_queues",
+            run_group("work_queues", &mut groups, || {
+                let late = shared_late(&mut late, client, config, &mut state.late_runs, deadline)?;
+                work_queues::collect(client, &late.by_queue, deadline)
+            }),
+        );
+    }
     let max = config.max_listed_runs;
-    let late_capped = ops.late_runs.map(|l| l.capped);
-    log_cap(&mut state.late_cap_warned, late_capped, "late runs", max);
-    let active_capped = ops.active_flow_runs.as_ref().map(|a| a.capped);
+    if on.active_flow_runs {
+        let part = run_group("active_flow_runs", &mut groups, || {
+            let dir =
+                shared_directory(&mut listed, client, config, &mut state.directory, deadline)?;
+            active_runs::collect(client, dir, max, &mut state.active_runs, deadline)
+        });
+        let capped = part.as_ref().map(|(_, capped)| *capped);
+        log_cap(
+            &mut state.active_cap_warned,
+            capped,
+            "runs in progress",
+            max,
+        );
+        add("active_flow_runs", part.map(|(f, _)| f));
+    }
+    if on.concurrency_limits {
+        add(
+            "concurrency_limits",
+            run_group("concurrency_limits", &mut groups, || {
+                let dir =
+                    shared_directory(&mut listed, client, config, &mut state.directory, deadline)?;
+                concurrency_limits::collect(client, dir, deadline)
+            }),
+        );
+    }
+    let late = late.and_then(Result::ok).map(|l| l.summary);
     log_cap(
-        &mut state.active_cap_warned,
-        active_capped,
-        "runs in progress",
+        &mut state.late_cap_warned,
+        late.map(|l| l.capped),
+        "late runs",
         max,
     );
-
-    let state_changes = if on.events {
-        run_group("events", &mut groups, || {
-            events::collect(client, config.events_settle, &mut state.events, deadline)
-        })
-        .flatten()
-    } else {
-        None
-    };
+    add("late_runs", late.map(|l| l.families()));
+    if on.events {
+        add(
+            "events",
+            run_group("events", &mut groups, || {
+                events::collect(client, config.events_settle, &mut state.events, deadline)
+            })
+            .flatten(),
+        );
+    }
 
     let snapshot = Snapshot {
-        seed,
-        flow_runs,
-        flow_runs_age,
-        deployments,
-        work_pools,
-        ops,
-        state_changes,
-        server_version: state.server_version.clone(),
+        families,
         groups,
         requests: client.take_request_counts(),
         duration: started.elapsed(),
@@ -292,7 +361,7 @@ pub fn collect_all(
 /// Fixtures shared by the groups' unit tests.
 #[cfg(test)]
 pub(crate) mod test_fixtures {
-    use crate::snapshot::DeploymentSeries;
+    use super::DeploymentSeries;
 
     /// The answer of a recorded request/answer pair from tests/fixtures/.
     pub fn response<T: serde::de::DeserializeOwned>(sample: &str) -> T {

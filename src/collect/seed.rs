@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::family::Family;
 use crate::prefect::{ApiError, Client};
-use crate::snapshot::SeedCounts;
 
 /// State names, as Prefect stores them (exact and case-sensitive).
 pub const SUCCESS_STATES: &[&str] = &["Completed", "Cached"];
@@ -61,23 +61,41 @@ struct Flow {
     name: String,
 }
 
+/// The six specified metrics keep their names and carry no labels (the error
+/// counter is the exporter's own, in metrics.rs).
 pub fn collect(
     client: &mut Client,
     watched: &[String],
     deadline: Instant,
-) -> Result<SeedCounts, ApiError> {
-    let total = count(client, None, deadline)?;
-    let successes = count(client, Some(SUCCESS_STATES), deadline)?;
-    let errors = count(client, Some(ERROR_STATES), deadline)?;
-    let warnings = count(client, Some(WARNING_STATES), deadline)?;
-    let missing_deployments = missing_deployments(client, watched, deadline)?;
-    Ok(SeedCounts {
-        total,
-        successes,
-        errors,
-        warnings,
-        missing_deployments,
-    })
+) -> Result<Vec<Family>, ApiError> {
+    let mut count = |states| count(client, states, deadline).map(|n| n as f64);
+    Ok(vec![
+        Family::single(
+            "prefect_flow_runs_total",
+            "Flow runs known to Prefect, in any state.",
+            count(None)?,
+        ),
+        Family::single(
+            "prefect_flow_runs_successes_total",
+            "Flow runs whose state name is Completed or Cached.",
+            count(Some(SUCCESS_STATES))?,
+        ),
+        Family::single(
+            "prefect_flow_runs_in_error_total",
+            "Flow runs whose state name is RolledBack, Failed, TimedOut, Crashed or Suspended.",
+            count(Some(ERROR_STATES))?,
+        ),
+        Family::single(
+            "prefect_flow_runs_in_warning_total",
+            "Flow runs whose state name is Cancelling, Cancelled, Paused or Retrying.",
+            count(Some(WARNING_STATES))?,
+        ),
+        Family::single(
+            "prefect_missing_deployments_total",
+            "Flow names of EXPORTER_CHECK_DEPLOYMENTS that have no deployment.",
+            missing_deployments(client, watched, deadline)? as f64,
+        ),
+    ])
 }
 
 fn count(client: &mut Client, states: Option<&[&str]>, deadline: Instant) -> Result<u64, ApiError> {

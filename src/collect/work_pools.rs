@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::family::{bool_label, Family};
 use super::listing::all_pages;
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
-use crate::snapshot::{WorkPoolSeries, WorkPoolsPart};
 
 /// Always shown per pool, at 0 when no worker has that status.
 pub const WORKER_STATUSES: &[&str] = &["ONLINE", "OFFLINE"];
@@ -36,6 +36,21 @@ struct Pool {
     active_slots: Option<u64>,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+struct WorkPoolSeries {
+    name: String,
+    pool_type: String,
+    status: String,
+    paused: bool,
+    /// Workers per status; ONLINE and OFFLINE are always present.
+    workers: Vec<(String, u64)>,
+    /// Seconds since the newest worker heartbeat, when a worker ever beat.
+    last_heartbeat_age: Option<f64>,
+    /// The pool's limit and slots in use, when the answer carries them.
+    concurrency_limit: Option<u64>,
+    active_slots: Option<u64>,
+}
+
 #[derive(Deserialize)]
 struct Worker {
     /// Unique within the pool: drops a repeat when paging meets a change.
@@ -47,17 +62,73 @@ struct Worker {
     last_heartbeat_time: Option<String>,
 }
 
-pub fn collect(client: &mut Client, deadline: Instant) -> Result<WorkPoolsPart, ApiError> {
+pub fn collect(client: &mut Client, deadline: Instant) -> Result<Vec<Family>, ApiError> {
     // Pools are listed by name, which is unique: pages neither overlap nor
     // skip while the set is unchanged; a pool created meanwhile may repeat one.
     let pools: Vec<Pool> = all_pages(client, "/work_pools/filter", |p: &Pool| &p.name, deadline)?;
-    let count = pools.len() as u64;
     let mut out = Vec::with_capacity(pools.len());
     for pool in pools {
         let workers = list_workers(client, &pool.name, deadline)?;
         out.push(pool_series(pool, &workers, rfc3339::now()));
     }
-    Ok(WorkPoolsPart { count, pools: out })
+    Ok(families(&out))
+}
+
+fn families(pools: &[WorkPoolSeries]) -> Vec<Family> {
+    const POOL: &[&str] = &["work_pool"];
+    let mut info = Family::gauge(
+        "prefect_work_pool_info",
+        "One series per work pool; always 1.",
+        &["work_pool", "type", "status", "paused"],
+    );
+    let mut workers = Family::gauge(
+        "prefect_work_pool_workers",
+        "Workers of the work pool per status (ONLINE, OFFLINE).",
+        &["work_pool", "status"],
+    );
+    let mut heartbeat_age = Family::gauge(
+        "prefect_work_pool_last_heartbeat_age_seconds",
+        "Seconds from the newest worker heartbeat of the pool to the last collection.",
+        POOL,
+    );
+    let mut limit = Family::gauge(
+        "prefect_work_pool_concurrency_limit",
+        "Concurrency limit of the work pool (absent: no limit).",
+        POOL,
+    );
+    let mut slots = Family::gauge(
+        "prefect_work_pool_active_slots",
+        "Flow runs of the work pool holding a slot, as Prefect reports it.",
+        POOL,
+    );
+    for p in pools {
+        let name = p.name.as_str();
+        info.set(&[name, &p.pool_type, &p.status, bool_label(p.paused)], 1.0);
+        for (status, n) in &p.workers {
+            workers.set(&[name, status], *n as f64);
+        }
+        if let Some(age) = p.last_heartbeat_age {
+            heartbeat_age.set(&[name], age);
+        }
+        if let Some(l) = p.concurrency_limit {
+            limit.set(&[name], l as f64);
+        }
+        if let Some(a) = p.active_slots {
+            slots.set(&[name], a as f64);
+        }
+    }
+    vec![
+        Family::single(
+            "prefect_work_pools",
+            "Work pools known to Prefect.",
+            pools.len() as f64,
+        ),
+        info,
+        workers,
+        heartbeat_age,
+        limit,
+        slots,
+    ]
 }
 
 fn list_workers(

@@ -12,10 +12,25 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::family::{bool_label, Family};
 use super::listing::all_pages;
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
-use crate::snapshot::{WorkQueueSeries, WorkQueuesPart};
+
+#[derive(Debug, Clone, PartialEq)]
+struct WorkQueueSeries {
+    work_pool: String,
+    name: String,
+    status: String,
+    paused: bool,
+    priority: Option<i64>,
+    /// Unix time of the last poll by a worker; `None` when never polled.
+    last_polled: Option<f64>,
+    late_runs: u64,
+    concurrency_limit: Option<u64>,
+    /// Only on servers that give it (3.6.23 and later) and queues with a limit.
+    active_slots: Option<u64>,
+}
 
 #[derive(Deserialize)]
 struct Queue {
@@ -42,14 +57,70 @@ pub fn collect(
     client: &mut Client,
     late_by_queue: &HashMap<String, u64>,
     deadline: Instant,
-) -> Result<WorkQueuesPart, ApiError> {
+) -> Result<Vec<Family>, ApiError> {
     let queues: Vec<Queue> = all_pages(client, "/work_queues/filter", |q: &Queue| &q.id, deadline)?;
-    Ok(WorkQueuesPart {
-        queues: queues
-            .into_iter()
-            .map(|q| queue_series(q, late_by_queue))
-            .collect(),
-    })
+    let queues: Vec<WorkQueueSeries> = queues
+        .into_iter()
+        .map(|q| queue_series(q, late_by_queue))
+        .collect();
+    Ok(families(&queues))
+}
+
+fn families(queues: &[WorkQueueSeries]) -> Vec<Family> {
+    const QUEUE: &[&str] = &["work_pool", "work_queue"];
+    let mut info = Family::gauge(
+        "prefect_work_queue_info",
+        "One series per work queue; always 1.",
+        &["work_pool", "work_queue", "status", "paused", "priority"],
+    );
+    let mut last_polled = Family::gauge(
+        "prefect_work_queue_last_polled_timestamp_seconds",
+        "Unix time of the last poll of the work queue by a worker (absent: never polled).",
+        QUEUE,
+    );
+    let mut late = Family::gauge(
+        "prefect_work_queue_late_flow_runs",
+        "Flow runs of the work queue in the state Late.",
+        QUEUE,
+    );
+    let mut limit = Family::gauge(
+        "prefect_work_queue_concurrency_limit",
+        "Concurrency limit of the work queue (absent: no limit).",
+        QUEUE,
+    );
+    let mut slots = Family::gauge(
+        "prefect_work_queue_active_slots",
+        "Slots of the work queue's limit in use (Prefect 3.6.23 and later, limited queues).",
+        QUEUE,
+    );
+    for q in queues {
+        let priority = q.priority.map(|p| p.to_string()).unwrap_or_default();
+        let paused = bool_label(q.paused);
+        info.set(&[&q.work_pool, &q.name, &q.status, paused, &priority], 1.0);
+        let labels = [q.work_pool.as_str(), q.name.as_str()];
+        if let Some(t) = q.last_polled {
+            last_polled.set(&labels, t);
+        }
+        late.set(&labels, q.late_runs as f64);
+        if let Some(l) = q.concurrency_limit {
+            limit.set(&labels, l as f64);
+        }
+        if let Some(a) = q.active_slots {
+            slots.set(&labels, a as f64);
+        }
+    }
+    vec![
+        Family::single(
+            "prefect_work_queues",
+            "Work queues known to Prefect.",
+            queues.len() as f64,
+        ),
+        info,
+        last_polled,
+        late,
+        limit,
+        slots,
+    ]
 }
 
 fn queue_series(q: Queue, late_by_queue: &HashMap<String, u64>) -> WorkQueueSeries {
