@@ -106,6 +106,7 @@ fn operator_series_equal_the_seeded_server() {
         "prefect_deployment_oldest_active",
         "prefect_active_flow_runs",
         "prefect_concurrency_limit",
+        "prefect_deployment_concurrency_limit",
         "prefect_work_pool_concurrency_limit",
         "prefect_work_pool_active_slots",
     ];
@@ -252,24 +253,38 @@ fn operator_series_equal_the_seeded_server() {
     assert_eq!(m["prefect_active_flow_runs_listed"], active_total as f64);
     assert_eq!(m["prefect_active_flow_runs_capped"], 0.0);
 
-    // Global concurrency limits, the deployment's by its name, nothing else.
+    // Global concurrency limits by name; the deployment's own limit (seeded
+    // as `flow/deployment`) in the per-deployment families; nothing else.
+    let (own, global): (Vec<_>, Vec<_>) = ops.limits.iter().partition(|l| l.name.contains('/'));
     assert_eq!(
         family(&m, "prefect_concurrency_limit_slots").len(),
-        ops.limits.len()
+        global.len()
+    );
+    assert_eq!(
+        family(&m, "prefect_deployment_concurrency_limit_slots").len(),
+        own.len()
     );
     for l in &ops.limits {
-        let key = [("name", l.name.as_str())];
-        let get = |n: &str| m.get(&series(n, &key)).copied();
-        assert_eq!(get("prefect_concurrency_limit_slots"), Some(l.limit as f64));
+        let (prefix, key) = match l.name.split_once('/') {
+            Some((flow, deployment)) => (
+                "prefect_deployment_concurrency_limit",
+                vec![("deployment", deployment), ("flow", flow)],
+            ),
+            None => ("prefect_concurrency_limit", vec![("name", l.name.as_str())]),
+        };
+        let get = |n: &str| m.get(&series(&format!("{prefix}{n}"), &key)).copied();
+        assert_eq!(get("_slots"), Some(l.limit as f64), "{}", l.name);
         assert_eq!(
-            get("prefect_concurrency_limit_active_slots"),
+            get("_active_slots"),
             Some(l.active_slots as f64),
             "{}",
             l.name
         );
         assert_eq!(
-            get("prefect_concurrency_limit_enabled"),
-            Some(if l.enabled { 1.0 } else { 0.0 })
+            get("_enabled"),
+            Some(if l.enabled { 1.0 } else { 0.0 }),
+            "{}",
+            l.name
         );
     }
 
@@ -333,8 +348,8 @@ fn groups_label_deployments_without_the_deployments_group() {
         expected.deployments.len() * 2
     );
     assert!(m.contains_key(&series(
-        "prefect_concurrency_limit_slots",
-        &[("name", "flow-ops/ops-etl")]
+        "prefect_deployment_concurrency_limit_slots",
+        &[("deployment", "ops-etl"), ("flow", "flow-ops")]
     )));
 
     // One deployment shown: the newest, ops-report (no limit of its own), so

@@ -1,9 +1,12 @@
-//! Global concurrency limits (`POST /v2/concurrency_limits/filter`):
-//! `prefect_concurrency_limit_slots{name}`, `_active_slots{name}` and
-//! `_enabled{name}`. A deployment's own limit is stored by Prefect as a limit
-//! named `deployment:<id>`; it is shown as `flow/deployment` when the
-//! deployment is among those with per-deployment series, else by Prefect's
-//! name (one series per limited deployment: still bounded).
+//! Concurrency limits (`POST /v2/concurrency_limits/filter`): the global
+//! ones as `prefect_concurrency_limit_slots{name}`, `_active_slots{name}` and
+//! `_enabled{name}`, and a deployment's own limit, which Prefect stores as a
+//! global limit named `deployment:<id>`, as
+//! `prefect_deployment_concurrency_limit_slots{deployment,flow}` and its
+//! `_active_slots` and `_enabled`, the labels every per-deployment series
+//! carries. A deployment limit whose deployment is not among those with
+//! per-deployment series (EXPORTER_MAX_DEPLOYMENTS) cannot be labelled so: it
+//! stays a global limit under Prefect's name, still one series per limit.
 //!
 //! Cost per collection: ceil((G+1)/200) requests for G limits, one in practice
 //! (2-5 ms of server CPU).
@@ -17,14 +20,6 @@ use super::deployments::DeploymentSeries;
 use super::family::Family;
 use super::listing::all_pages;
 use crate::prefect::{ApiError, Client};
-
-struct ConcurrencyLimitSeries {
-    /// The limit's name; a deployment's limit reads `flow/deployment`.
-    name: String,
-    limit: u64,
-    active_slots: u64,
-    enabled: bool,
-}
 
 const DEPLOYMENT_PREFIX: &str = "deployment:";
 
@@ -54,60 +49,78 @@ pub fn collect(
         |l: &Limit| &l.id,
         deadline,
     )?;
-    Ok(families(&series(limits, deployments)))
+    Ok(families(&limits, deployments))
 }
 
-fn families(limits: &[ConcurrencyLimitSeries]) -> Vec<Family> {
+fn families(limits: &[Limit], deployments: &[DeploymentSeries]) -> Vec<Family> {
     const NAME: &[&str] = &["name"];
-    let mut slots = Family::gauge(
-        "prefect_concurrency_limit_slots",
-        "Slots of the global concurrency limit (deployment limits named flow/deployment).",
-        NAME,
-    );
-    let mut active = Family::gauge(
-        "prefect_concurrency_limit_active_slots",
-        "Slots of the global concurrency limit in use.",
-        NAME,
-    );
-    let mut enabled = Family::gauge(
-        "prefect_concurrency_limit_enabled",
-        "1 when the global concurrency limit is active, else 0.",
-        NAME,
-    );
+    const DEPLOYMENT: &[&str] = &["deployment", "flow"];
+    let mut global = [
+        Family::gauge(
+            "prefect_concurrency_limit_slots",
+            "Slots of the global concurrency limit.",
+            NAME,
+        ),
+        Family::gauge(
+            "prefect_concurrency_limit_active_slots",
+            "Slots of the global concurrency limit in use.",
+            NAME,
+        ),
+        Family::gauge(
+            "prefect_concurrency_limit_enabled",
+            "1 when the global concurrency limit is active, else 0.",
+            NAME,
+        ),
+    ];
+    let mut own = [
+        Family::gauge(
+            "prefect_deployment_concurrency_limit_slots",
+            "Slots of the deployment's own concurrency limit.",
+            DEPLOYMENT,
+        ),
+        Family::gauge(
+            "prefect_deployment_concurrency_limit_active_slots",
+            "Slots of the deployment's own concurrency limit in use.",
+            DEPLOYMENT,
+        ),
+        Family::gauge(
+            "prefect_deployment_concurrency_limit_enabled",
+            "1 when the deployment's own concurrency limit is active, else 0.",
+            DEPLOYMENT,
+        ),
+    ];
+    let by_id: HashMap<&str, &DeploymentSeries> =
+        deployments.iter().map(|d| (d.id.as_str(), d)).collect();
     for l in limits {
-        slots.set(&[&l.name], l.limit as f64);
-        active.set(&[&l.name], l.active_slots as f64);
-        enabled.set(&[&l.name], f64::from(u8::from(l.enabled)));
-    }
-    vec![slots, active, enabled]
-}
-
-fn series(limits: Vec<Limit>, deployments: &[DeploymentSeries]) -> Vec<ConcurrencyLimitSeries> {
-    let names: HashMap<&str, String> = deployments
-        .iter()
-        .map(|d| (d.id.as_str(), format!("{}/{}", d.flow, d.name)))
-        .collect();
-    limits
-        .into_iter()
-        .map(|l| {
-            let name = l
-                .name
-                .strip_prefix(DEPLOYMENT_PREFIX)
-                .and_then(|id| names.get(id).cloned())
-                .unwrap_or(l.name);
-            ConcurrencyLimitSeries {
-                name,
-                limit: l.limit,
-                active_slots: l.active_slots,
-                enabled: l.active,
+        let values = [
+            l.limit as f64,
+            l.active_slots as f64,
+            f64::from(u8::from(l.active)),
+        ];
+        let deployment = l
+            .name
+            .strip_prefix(DEPLOYMENT_PREFIX)
+            .and_then(|id| by_id.get(id));
+        match deployment {
+            Some(d) => {
+                for (f, v) in own.iter_mut().zip(values) {
+                    f.set(&[&d.name, &d.flow], v);
+                }
             }
-        })
-        .collect()
+            None => {
+                for (f, v) in global.iter_mut().zip(values) {
+                    f.set(&[&l.name], v);
+                }
+            }
+        }
+    }
+    global.into_iter().chain(own).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::family::{len, value};
     use crate::collect::test_fixtures::deployment;
 
     fn recorded() -> Vec<Limit> {
@@ -119,27 +132,50 @@ mod tests {
     }
 
     #[test]
-    fn recorded_limits_with_the_deployment_limit_named() {
+    fn a_deployment_limit_is_labelled_by_its_deployment() {
         let deps = [deployment(
             "c081ea7b-51f1-4697-b825-5c31969c75a4",
             "ops-etl",
         )];
-        let s = series(recorded(), &deps);
-        let want = [
-            ("api-calls", 10, 0, false),
-            ("db-writes", 4, 4, true),
-            ("flow-ops/ops-etl", 2, 0, true),
-        ];
-        let got: Vec<(&str, u64, u64, bool)> = s
-            .iter()
-            .map(|l| (l.name.as_str(), l.limit, l.active_slots, l.enabled))
-            .collect();
-        assert_eq!(got, want);
+        let f = families(&recorded(), &deps);
+        let global = |name: &str, limit: &str| value(&f, name, &[limit]);
+        assert_eq!(
+            global("prefect_concurrency_limit_slots", "api-calls"),
+            Some(10.0)
+        );
+        assert_eq!(
+            global("prefect_concurrency_limit_enabled", "api-calls"),
+            Some(0.0)
+        );
+        assert_eq!(
+            global("prefect_concurrency_limit_slots", "db-writes"),
+            Some(4.0)
+        );
+        assert_eq!(
+            global("prefect_concurrency_limit_active_slots", "db-writes"),
+            Some(4.0)
+        );
+        assert_eq!(len(&f, "prefect_concurrency_limit_slots"), 2);
+        let own = |name: &str| value(&f, name, &["ops-etl", "flow-ops"]);
+        assert_eq!(own("prefect_deployment_concurrency_limit_slots"), Some(2.0));
+        assert_eq!(
+            own("prefect_deployment_concurrency_limit_active_slots"),
+            Some(0.0)
+        );
+        assert_eq!(
+            own("prefect_deployment_concurrency_limit_enabled"),
+            Some(1.0)
+        );
     }
 
     #[test]
     fn an_unknown_deployment_keeps_prefects_name() {
-        let s = series(recorded(), &[]);
-        assert_eq!(s[2].name, "deployment:c081ea7b-51f1-4697-b825-5c31969c75a4");
+        let f = families(&recorded(), &[]);
+        let name = "deployment:c081ea7b-51f1-4697-b825-5c31969c75a4";
+        assert_eq!(
+            value(&f, "prefect_concurrency_limit_slots", &[name]),
+            Some(2.0)
+        );
+        assert_eq!(len(&f, "prefect_deployment_concurrency_limit_slots"), 0);
     }
 }
