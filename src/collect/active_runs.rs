@@ -51,7 +51,7 @@ use serde::Deserialize;
 
 use super::deployments::DeploymentSeries;
 use super::family::Family;
-use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT, PAGE};
+use super::listing::{self, Filter, Match, StateWhere, States, Where, IDS_PER_COUNT, PAGE};
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
 
@@ -98,8 +98,8 @@ struct Known {
 const PROVE_FROM: usize = 40;
 
 /// Runs of `ids` in state type `t`.
-fn still_in<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn still_in<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> Filter<'a> {
+    Filter::runs(Where {
         id: Some(Match::Any(ids)),
         state: StateWhere::types(Match::Any(t)),
         ..Where::default()
@@ -107,8 +107,8 @@ fn still_in<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> RunsFilter<'a> {
 }
 
 /// Runs of `ids` no longer in state type `t`.
-fn moved_from<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn moved_from<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> Filter<'a> {
+    Filter::runs(Where {
         id: Some(Match::Any(ids)),
         state: StateWhere::types(Match::NotAny(t)),
         ..Where::default()
@@ -116,8 +116,8 @@ fn moved_from<'a>(ids: &'a [&'a str], t: &'a [&'a str; 1]) -> RunsFilter<'a> {
 }
 
 /// The runs in progress that are not among `known`.
-fn new_runs_filter<'a>(known: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn new_runs_filter<'a>(known: &'a [&'a str]) -> Filter<'a> {
+    Filter::runs(Where {
         id: Some(Match::NotAny(known)),
         state: ACTIVE.state(),
         ..Where::default()
@@ -125,8 +125,8 @@ fn new_runs_filter<'a>(known: &'a [&'a str]) -> RunsFilter<'a> {
 }
 
 /// The runs in progress of `deployments`.
-fn of_deployments<'a>(deployments: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn of_deployments<'a>(deployments: &'a [&'a str]) -> Filter<'a> {
+    Filter::runs(Where {
         deployment_id: Some(Match::Any(deployments)),
         state: ACTIVE.state(),
         ..Where::default()
@@ -134,8 +134,8 @@ fn of_deployments<'a>(deployments: &'a [&'a str]) -> RunsFilter<'a> {
 }
 
 /// The runs `ids`, whatever their state.
-fn by_id<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn by_id<'a>(ids: &'a [&'a str]) -> Filter<'a> {
+    Filter::runs(Where {
         id: Some(Match::Any(ids)),
         ..Where::default()
     })

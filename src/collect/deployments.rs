@@ -51,11 +51,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::durations::{Durations, Ended};
 use super::family::{bool_label, Family};
-use super::listing::{After, Match, RunsFilter, StateWhere, Where, PAGE};
+use super::listing::{self, After, Filter, FlowsWhere, Match, Page, StateWhere, Where, PAGE};
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
 
@@ -178,39 +178,6 @@ impl LastRuns {
     }
 }
 
-// ---- request bodies ----
-
-#[derive(Serialize)]
-struct Empty {}
-
-#[derive(Serialize)]
-struct Page<F> {
-    #[serde(flatten)]
-    filter: F,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sort: Option<&'static str>,
-    limit: usize,
-    offset: usize,
-}
-
-#[derive(Serialize)]
-struct NoFilter {}
-
-#[derive(Serialize)]
-struct FlowsById<'a> {
-    flows: IdFilter<'a>,
-}
-
-#[derive(Serialize)]
-struct IdFilter<'a> {
-    id: AnyOf<'a>,
-}
-
-#[derive(Serialize)]
-struct AnyOf<'a> {
-    any_: &'a [&'a str],
-}
-
 // ---- answers (only the fields used) ----
 
 #[derive(Deserialize)]
@@ -270,7 +237,7 @@ pub fn collect(
     late: &HashMap<String, u64>,
     deadline: Instant,
 ) -> Result<(Vec<Family>, Vec<DeploymentSeries>), ApiError> {
-    let flows: u64 = client.post("/flows/count", &Empty {}, deadline)?;
+    let flows: u64 = client.post("/flows/count", &Filter::default(), deadline)?;
     let max = settings.max_deployments;
     let (listed, all) = list_deployments(client, max, deadline)?;
     // A listing that stopped short holds every deployment: only one that
@@ -278,7 +245,7 @@ pub fn collect(
     let total = if all {
         listed.len() as u64
     } else {
-        client.post("/deployments/count", &Empty {}, deadline)?
+        client.post("/deployments/count", &Filter::default(), deadline)?
     };
     let capped = total > max as u64;
     if capped && !state.cap_warned {
@@ -364,35 +331,25 @@ fn families(flows: u64, deployments: u64, items: &[DeploymentSeries]) -> Vec<Fam
 
 /// The newest `wanted` deployments, 200 per request, each once, and whether
 /// the pages stopped short of `wanted` (then they hold every deployment).
+/// Creation times are unique in practice, so pages neither overlap nor skip;
+/// a deployment created while paging only shifts the others later.
 fn list_deployments(
     client: &mut Client,
     wanted: usize,
     deadline: Instant,
 ) -> Result<(Vec<Deployment>, bool), ApiError> {
-    let mut out: Vec<Deployment> = Vec::new();
-    let mut seen = HashSet::new();
-    let mut offset = 0;
-    while offset < wanted {
-        let limit = PAGE.min(wanted - offset);
-        let body = Page {
-            filter: NoFilter {},
-            // Creation times are unique in practice, so pages neither overlap
-            // nor skip; a deployment created while paging only shifts the
-            // others later (and is deduplicated by id).
-            sort: Some("CREATED_DESC"),
-            limit,
-            offset,
-        };
-        let page: Vec<Deployment> = client.post("/deployments/filter", &body, deadline)?;
-        let short = page.len() < limit;
-        offset += limit;
-        out.extend(page.into_iter().filter(|d| seen.insert(d.id.clone())));
-        if short {
-            return Ok((out, true));
-        }
-    }
-    out.truncate(wanted);
-    Ok((out, false))
+    let everything = Filter::default();
+    let sort = Some("CREATED_DESC");
+    let (listed, capped) = listing::pages(
+        client,
+        "/deployments/filter",
+        &everything,
+        sort,
+        wanted,
+        |d: &Deployment| &d.id,
+        deadline,
+    )?;
+    Ok((listed, !capped))
 }
 
 /// Looks up the names of flows not seen before, 200 ids per request.
@@ -410,15 +367,12 @@ fn resolve_flow_names(
     unknown.sort_unstable();
     unknown.dedup();
     for chunk in unknown.chunks(PAGE) {
+        let filter = flows_by_id(chunk);
         let body = Page {
-            filter: FlowsById {
-                flows: IdFilter {
-                    id: AnyOf { any_: chunk },
-                },
-            },
+            filter: &filter,
             sort: None,
             limit: PAGE,
-            offset: 0,
+            offset: Some(0),
         };
         let flows: Vec<Flow> = client.post("/flows/filter", &body, deadline)?;
         names.extend(flows.into_iter().map(|f| (f.id, f.name)));
@@ -426,46 +380,55 @@ fn resolve_flow_names(
     Ok(())
 }
 
+fn flows_by_id<'a>(ids: &'a [&'a str]) -> Filter<'a> {
+    Filter {
+        flows: Some(FlowsWhere {
+            id: Some(Match::Any(ids)),
+            ..FlowsWhere::default()
+        }),
+        ..Filter::default()
+    }
+}
+
 /// Every run that ended at or after `after`, whatever its state: the tracked
 /// state types are picked here, not by Prefect. On a SQLite server (which
 /// never gathers planner statistics) a state type filter makes SQLite read
 /// every run of those types, the whole history (43 ms at 100,000 runs, and
 /// growing), where the end time alone reads only the runs that just ended.
-fn ended_runs_body(after: f64, offset: usize) -> Page<RunsFilter<'static>> {
-    Page {
-        filter: RunsFilter::new(Where {
-            deployment_id: Some(Match::IsNull(false)),
-            end_time: Some(After {
-                after_: rfc3339::format(after),
-            }),
-            ..Where::default()
+fn ended_runs(after: f64) -> Filter<'static> {
+    Filter::runs(Where {
+        deployment_id: Some(Match::IsNull(false)),
+        end_time: Some(After {
+            after_: rfc3339::format(after),
         }),
-        sort: Some("END_TIME_DESC"),
-        limit: PAGE,
-        offset,
-    }
+        ..Where::default()
+    })
 }
 
-/// The newest runs of one deployment that ended after `after`: `limit`
-/// runs of any state, or with `state_type` one run of that type.
-fn newest_runs_body<'a>(
+/// The newest runs of one deployment that ended after `after`: of any state,
+/// or with `state_type` of that type.
+fn newest_runs<'a>(
     deployment: &'a [&'a str],
     state_type: Option<&'a [&'a str]>,
     after: f64,
-    limit: usize,
-) -> Page<RunsFilter<'a>> {
-    Page {
-        filter: RunsFilter::new(Where {
-            state: state_type.and_then(|t| StateWhere::types(Match::Any(t))),
-            deployment_id: Some(Match::Any(deployment)),
-            end_time: Some(After {
-                after_: rfc3339::format(after),
-            }),
-            ..Where::default()
+) -> Filter<'a> {
+    Filter::runs(Where {
+        state: state_type.and_then(|t| StateWhere::types(Match::Any(t))),
+        deployment_id: Some(Match::Any(deployment)),
+        end_time: Some(After {
+            after_: rfc3339::format(after),
         }),
+        ..Where::default()
+    })
+}
+
+/// Newest end time first.
+fn by_end_time<'a>(filter: &'a Filter<'a>, limit: usize, offset: usize) -> Page<'a> {
+    Page {
+        filter,
         sort: Some("END_TIME_DESC"),
         limit,
-        offset: 0,
+        offset: Some(offset),
     }
 }
 
@@ -509,7 +472,7 @@ fn prime_last_runs(
         let one = [*id];
         let newest: Vec<EndedRun> = client.post(
             "/flow_runs/filter",
-            &newest_runs_body(&one, None, after, PRIME_RUNS),
+            &by_end_time(&newest_runs(&one, None, after), PRIME_RUNS, 0),
             deadline,
         )?;
         sent += 1;
@@ -528,7 +491,7 @@ fn prime_last_runs(
             let types = [*t];
             let runs: Vec<EndedRun> = client.post(
                 "/flow_runs/filter",
-                &newest_runs_body(&one, Some(&types), after, 1),
+                &by_end_time(&newest_runs(&one, Some(&types), after), 1, 0),
                 deadline,
             )?;
             sent += 1;
@@ -578,7 +541,7 @@ fn update_last_runs(
         }
         let page: Vec<EndedRun> = client.post(
             "/flow_runs/filter",
-            &ended_runs_body(pass.after, pass.offset),
+            &by_end_time(&ended_runs(pass.after), PAGE, pass.offset),
             deadline,
         )?;
         state.last_runs.apply(&page);
@@ -748,36 +711,25 @@ mod tests {
 
     #[test]
     fn request_bodies_are_the_documented_filters() {
-        let b = serde_json::to_string(&ended_runs_body(t("2026-11-24T12:00:00Z"), 400)).unwrap();
+        let ended = ended_runs(t("2026-11-24T12:00:00Z"));
+        let b = serde_json::to_string(&by_end_time(&ended, PAGE, 400)).unwrap();
         assert_eq!(
             b,
             r#"{"flow_runs":{"deployment_id":{"is_null_":false},"end_time":{"after_":"2026-11-24T12:00:00.000000Z"}},"sort":"END_TIME_DESC","limit":200,"offset":400}"#
         );
         let ids = ["f1", "f2"];
+        let by_id = flows_by_id(&ids);
         let flows = serde_json::to_string(&Page {
-            filter: FlowsById {
-                flows: IdFilter {
-                    id: AnyOf { any_: &ids },
-                },
-            },
+            filter: &by_id,
             sort: None,
             limit: PAGE,
-            offset: 0,
+            offset: Some(0),
         })
         .unwrap();
         assert_eq!(
             flows,
             r#"{"flows":{"id":{"any_":["f1","f2"]}},"limit":200,"offset":0}"#
         );
-        let list = serde_json::to_string(&Page {
-            filter: NoFilter {},
-            sort: Some("CREATED_DESC"),
-            limit: 200,
-            offset: 0,
-        })
-        .unwrap();
-        assert_eq!(list, r#"{"sort":"CREATED_DESC","limit":200,"offset":0}"#);
-        assert_eq!(serde_json::to_string(&Empty {}).unwrap(), "{}");
     }
 
     #[test]
@@ -800,24 +752,14 @@ mod tests {
         // No end time: nothing.
         last.prime("d2", 0, &run("3", Some("d2"), "COMPLETED", None));
         assert!(!last.by_deployment.contains_key("d2"));
-        let body = serde_json::to_string(&newest_runs_body(
-            &["d1"],
-            Some(&["CRASHED"]),
-            t("2026-11-17T12:00:00Z"),
-            1,
-        ))
-        .unwrap();
+        let crashed = newest_runs(&["d1"], Some(&["CRASHED"]), t("2026-11-17T12:00:00Z"));
+        let body = serde_json::to_string(&by_end_time(&crashed, 1, 0)).unwrap();
         assert_eq!(
             body,
             r#"{"flow_runs":{"state":{"type":{"any_":["CRASHED"]}},"deployment_id":{"any_":["d1"]},"end_time":{"after_":"2026-11-17T12:00:00.000000Z"}},"sort":"END_TIME_DESC","limit":1,"offset":0}"#
         );
-        let body = serde_json::to_string(&newest_runs_body(
-            &["d1"],
-            None,
-            t("2026-11-17T12:00:00Z"),
-            PRIME_RUNS,
-        ))
-        .unwrap();
+        let any = newest_runs(&["d1"], None, t("2026-11-17T12:00:00Z"));
+        let body = serde_json::to_string(&by_end_time(&any, PRIME_RUNS, 0)).unwrap();
         assert_eq!(
             body,
             r#"{"flow_runs":{"deployment_id":{"any_":["d1"]},"end_time":{"after_":"2026-11-17T12:00:00.000000Z"}},"sort":"END_TIME_DESC","limit":20,"offset":0}"#

@@ -39,7 +39,7 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use super::family::Family;
-use super::listing::{self, Match, RunsFilter, StateWhere, States, Where, IDS_PER_COUNT};
+use super::listing::{self, Filter, Match, StateWhere, States, Where, IDS_PER_COUNT};
 use crate::prefect::{ApiError, Client};
 
 /// How complete the late-run split of the deployments and work queues groups is.
@@ -115,8 +115,8 @@ pub struct State {
 }
 
 /// The late runs among `ids`.
-fn known_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn known_late<'a>(ids: &'a [&'a str]) -> Filter<'a> {
+    Filter::runs(Where {
         id: Some(Match::Any(ids)),
         state: LATE.state(),
         ..Where::default()
@@ -124,8 +124,8 @@ fn known_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
 }
 
 /// The runs among `ids` no longer late.
-fn left_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn left_late<'a>(ids: &'a [&'a str]) -> Filter<'a> {
+    Filter::runs(Where {
         id: Some(Match::Any(ids)),
         state: StateWhere::names(Match::NotAny(&LATE_NAME)),
         ..Where::default()
@@ -133,8 +133,8 @@ fn left_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
 }
 
 /// The late runs not among `ids`.
-fn new_late<'a>(ids: &'a [&'a str]) -> RunsFilter<'a> {
-    RunsFilter::new(Where {
+fn new_late<'a>(ids: &'a [&'a str]) -> Filter<'a> {
+    Filter::runs(Where {
         id: Some(Match::NotAny(ids)),
         state: LATE.state(),
         ..Where::default()

@@ -29,15 +29,20 @@ pub enum States {
     Types(&'static [&'static str]),
 }
 
-/// The body of Prefect's flow-run endpoints (`/flow_runs/filter`, `/count`):
-/// `{"flow_runs": {...}}`, with the fields the collectors ask on. The one
-/// place these bodies are spelled; each module fills in its fields.
-#[derive(Serialize)]
-pub struct RunsFilter<'a> {
-    pub flow_runs: Where<'a>,
+/// The body of Prefect's filter and count endpoints: each resource's
+/// conditions under its key (`{"flow_runs": {...}, "flows": {...}}`), with
+/// the fields the collectors ask on. The one place these bodies are spelled;
+/// each module fills in its fields, and what is left at None is left out (so
+/// `Filter::default()` is `{}`, everything).
+#[derive(Serialize, Default)]
+pub struct Filter<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_runs: Option<Where<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowsWhere<'a>>,
 }
 
-/// Fields left at None are left out of the body.
+/// Conditions on flow runs.
 #[derive(Serialize, Default)]
 pub struct Where<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,6 +55,17 @@ pub struct Where<'a> {
     pub end_time: Option<After>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_start_time: Option<After>,
+}
+
+/// Conditions on flows; `deployment: IsNull(false)` is "has a deployment".
+#[derive(Serialize, Default)]
+pub struct FlowsWhere<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Match<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<Match<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<Match<'a>>,
 }
 
 #[derive(Serialize, Default)]
@@ -78,9 +94,12 @@ pub struct After {
     pub after_: String,
 }
 
-impl<'a> RunsFilter<'a> {
-    pub fn new(flow_runs: Where<'a>) -> RunsFilter<'a> {
-        RunsFilter { flow_runs }
+impl<'a> Filter<'a> {
+    pub fn runs(flow_runs: Where<'a>) -> Filter<'a> {
+        Filter {
+            flow_runs: Some(flow_runs),
+            flows: None,
+        }
     }
 }
 
@@ -100,13 +119,17 @@ impl<'a> StateWhere<'a> {
     }
 }
 
+/// One page of a listing: the filter, the order and the window.
 #[derive(Serialize)]
-pub struct RunsPage<'a> {
+pub struct Page<'a> {
     #[serde(flatten)]
-    filter: &'a RunsFilter<'a>,
-    sort: &'static str,
-    limit: usize,
-    offset: usize,
+    pub filter: &'a Filter<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sort: Option<&'static str>,
+    pub limit: usize,
+    /// Left out for a request that is one page by construction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
 }
 
 impl States {
@@ -118,19 +141,20 @@ impl States {
     }
 }
 
-pub fn filter(states: States) -> RunsFilter<'static> {
-    RunsFilter::new(Where {
+pub fn filter(states: States) -> Filter<'static> {
+    Filter::runs(Where {
         state: states.state(),
         ..Where::default()
     })
 }
 
-pub fn page_body<'a>(filter: &'a RunsFilter<'a>, limit: usize, offset: usize) -> RunsPage<'a> {
-    RunsPage {
+/// A page of runs in the listings' order.
+pub fn page_body<'a>(filter: &'a Filter<'a>, limit: usize, offset: usize) -> Page<'a> {
+    Page {
         filter,
-        sort: SORT,
+        sort: Some(SORT),
         limit,
-        offset,
+        offset: Some(offset),
     }
 }
 
@@ -143,7 +167,7 @@ pub fn count(client: &mut Client, states: States, deadline: Instant) -> Result<u
 /// `POST /flow_runs/count` of the runs `filter` matches.
 pub fn count_where(
     client: &mut Client,
-    filter: &RunsFilter<'_>,
+    filter: &Filter<'_>,
     deadline: Instant,
 ) -> Result<u64, ApiError> {
     client.post("/flow_runs/count", filter, deadline)
@@ -164,9 +188,46 @@ pub fn runs<T: DeserializeOwned>(
 /// [`runs`] for any flow-run filter.
 pub fn runs_where<T: DeserializeOwned>(
     client: &mut Client,
-    filter: &RunsFilter<'_>,
+    filter: &Filter<'_>,
     max: usize,
     id: impl Fn(&T) -> &str,
+    deadline: Instant,
+) -> Result<(Vec<T>, bool), ApiError> {
+    pages(
+        client,
+        "/flow_runs/filter",
+        filter,
+        Some(SORT),
+        max,
+        id,
+        deadline,
+    )
+}
+
+/// Every page of a listing, 200 at a time, until a short page.
+pub fn all_pages<T: DeserializeOwned>(
+    client: &mut Client,
+    path: &str,
+    key: impl Fn(&T) -> &str,
+    deadline: Instant,
+) -> Result<Vec<T>, ApiError> {
+    let everything = Filter::default();
+    let (out, _) = pages(client, path, &everything, None, usize::MAX, key, deadline)?;
+    Ok(out)
+}
+
+/// The one pager: pages of `path` for `filter` in `sort` order, 200 at a time
+/// and never past `max` items, until a short page. Returns the items and
+/// whether `max` stopped the listing (there may be more). Offset paging can
+/// repeat an item when the set changes between pages: an item whose `key` was
+/// seen already is dropped.
+pub fn pages<T: DeserializeOwned>(
+    client: &mut Client,
+    path: &str,
+    filter: &Filter<'_>,
+    sort: Option<&'static str>,
+    max: usize,
+    key: impl Fn(&T) -> &str,
     deadline: Instant,
 ) -> Result<(Vec<T>, bool), ApiError> {
     let mut out: Vec<T> = Vec::new();
@@ -178,76 +239,38 @@ pub fn runs_where<T: DeserializeOwned>(
             return Ok((out, true));
         }
         let limit = PAGE.min(max - offset);
-        let page: Vec<T> = client.post(
-            "/flow_runs/filter",
-            &page_body(filter, limit, offset),
-            deadline,
-        )?;
+        let body = Page {
+            filter,
+            sort,
+            limit,
+            offset: Some(offset),
+        };
+        let page: Vec<T> = client.post(path, &body, deadline)?;
         let short = page.len() < limit;
         offset += limit;
-        for run in page {
-            if seen.insert(id(&run).to_string()) {
-                out.push(run);
-            }
-        }
+        out.extend(page.into_iter().filter(|x| seen.insert(key(x).to_string())));
         if short {
             return Ok((out, false));
         }
     }
 }
 
-#[derive(Serialize)]
-struct Paging {
-    limit: usize,
-    offset: usize,
-}
-
-/// Every page of a listing, 200 at a time, until a short page. Offset paging
-/// can repeat an item when the set changes between pages: an item whose `key`
-/// was seen already is dropped.
-pub fn all_pages<T: DeserializeOwned>(
-    client: &mut Client,
-    path: &str,
-    key: impl Fn(&T) -> &str,
-    deadline: Instant,
-) -> Result<Vec<T>, ApiError> {
-    let mut out: Vec<T> = Vec::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut offset = 0;
-    loop {
-        let page: Vec<T> = client.post(
-            path,
-            &Paging {
-                limit: PAGE,
-                offset,
-            },
-            deadline,
-        )?;
-        let short = page.len() < PAGE;
-        out.extend(page.into_iter().filter(|x| seen.insert(key(x).to_string())));
-        if short {
-            return Ok(out);
-        }
-        offset += PAGE;
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn page_body_is_limit_and_offset() {
-        let b = serde_json::to_string(&Paging {
-            limit: 200,
-            offset: 400,
-        })
-        .unwrap();
-        assert_eq!(b, r#"{"limit":200,"offset":400}"#);
-    }
-
     use super::*;
 
     #[test]
     fn bodies_are_the_documented_filters() {
+        let everything = Filter::default();
+        let b = serde_json::to_string(&Page {
+            filter: &everything,
+            sort: None,
+            limit: 200,
+            offset: Some(400),
+        })
+        .unwrap();
+        assert_eq!(b, r#"{"limit":200,"offset":400}"#);
+        assert_eq!(serde_json::to_string(&everything).unwrap(), "{}");
         let late =
             serde_json::to_string(&page_body(&filter(States::Names(&["Late"])), 200, 400)).unwrap();
         assert_eq!(
@@ -259,6 +282,18 @@ mod tests {
         assert_eq!(
             active,
             r#"{"flow_runs":{"state":{"type":{"any_":["PENDING","RUNNING"]}}}}"#
+        );
+        let flows = Filter {
+            flows: Some(FlowsWhere {
+                name: Some(Match::Any(&["a"])),
+                deployment: Some(Match::IsNull(false)),
+                ..FlowsWhere::default()
+            }),
+            ..Filter::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&flows).unwrap(),
+            r#"{"flows":{"name":{"any_":["a"]},"deployment":{"is_null_":false}}}"#
         );
     }
 }

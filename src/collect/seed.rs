@@ -5,56 +5,16 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::family::Family;
+use super::listing::{self, Filter, FlowsWhere, Match, Page, StateWhere, Where, PAGE};
 use crate::prefect::{ApiError, Client};
 
 /// State names, as Prefect stores them (exact and case-sensitive).
 pub const SUCCESS_STATES: &[&str] = &["Completed", "Cached"];
 pub const ERROR_STATES: &[&str] = &["RolledBack", "Failed", "TimedOut", "Crashed", "Suspended"];
 pub const WARNING_STATES: &[&str] = &["Cancelling", "Cancelled", "Paused", "Retrying"];
-
-/// Prefect refuses list requests with a larger limit (422).
-pub const PAGE_SIZE: usize = 200;
-
-#[derive(Serialize, Default)]
-struct FlowRunCount<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    flow_runs: Option<FlowRunFilter<'a>>,
-}
-
-#[derive(Serialize)]
-struct FlowRunFilter<'a> {
-    state: StateFilter<'a>,
-}
-
-#[derive(Serialize)]
-struct StateFilter<'a> {
-    name: AnyOf<'a, &'a str>,
-}
-
-#[derive(Serialize)]
-struct AnyOf<'a, T> {
-    any_: &'a [T],
-}
-
-#[derive(Serialize)]
-struct FlowsWithDeployment<'a> {
-    flows: FlowFilter<'a>,
-    limit: usize,
-}
-
-#[derive(Serialize)]
-struct FlowFilter<'a> {
-    name: AnyOf<'a, String>,
-    deployment: IsNull,
-}
-
-#[derive(Serialize)]
-struct IsNull {
-    is_null_: bool,
-}
 
 #[derive(Deserialize)]
 struct Flow {
@@ -98,15 +58,35 @@ pub fn collect(
     ])
 }
 
-fn count(client: &mut Client, states: Option<&[&str]>, deadline: Instant) -> Result<u64, ApiError> {
-    let body = FlowRunCount {
-        flow_runs: states.map(|names| FlowRunFilter {
-            state: StateFilter {
-                name: AnyOf { any_: names },
-            },
+fn count(
+    client: &mut Client,
+    states: Option<&'static [&'static str]>,
+    deadline: Instant,
+) -> Result<u64, ApiError> {
+    listing::count_where(client, &count_filter(states), deadline)
+}
+
+/// Everything (`{}`), or the runs in these state names.
+fn count_filter(states: Option<&'static [&'static str]>) -> Filter<'static> {
+    match states {
+        None => Filter::default(),
+        Some(names) => Filter::runs(Where {
+            state: StateWhere::names(Match::Any(names)),
+            ..Where::default()
         }),
-    };
-    client.post("/flow_runs/count", &body, deadline)
+    }
+}
+
+/// The watched flows that have a deployment, among `names` (one page).
+fn with_deployment<'a>(names: &'a [&'a str]) -> Filter<'a> {
+    Filter {
+        flows: Some(FlowsWhere {
+            name: Some(Match::Any(names)),
+            deployment: Some(Match::IsNull(false)),
+            ..FlowsWhere::default()
+        }),
+        ..Filter::default()
+    }
 }
 
 /// Asks which of the watched flows have at least one deployment, 200 names per
@@ -117,13 +97,14 @@ fn missing_deployments(
     deadline: Instant,
 ) -> Result<u64, ApiError> {
     let mut found = Vec::new();
-    for page in watched.chunks(PAGE_SIZE) {
-        let body = FlowsWithDeployment {
-            flows: FlowFilter {
-                name: AnyOf { any_: page },
-                deployment: IsNull { is_null_: false },
-            },
-            limit: PAGE_SIZE,
+    for page in watched.chunks(PAGE) {
+        let names: Vec<&str> = page.iter().map(String::as_str).collect();
+        let filter = with_deployment(&names);
+        let body = Page {
+            filter: &filter,
+            sort: None,
+            limit: PAGE,
+            offset: None,
         };
         let flows: Vec<Flow> = client.post("/flows/filter", &body, deadline)?;
         found.extend(flows.into_iter().map(|f| f.name));
@@ -178,29 +159,18 @@ mod tests {
 
     #[test]
     fn count_bodies_are_the_documented_filters() {
-        let all = serde_json::to_string(&FlowRunCount::default()).unwrap();
-        assert_eq!(all, "{}");
-        let ok = serde_json::to_string(&FlowRunCount {
-            flow_runs: Some(FlowRunFilter {
-                state: StateFilter {
-                    name: AnyOf {
-                        any_: SUCCESS_STATES,
-                    },
-                },
-            }),
-        })
-        .unwrap();
+        let body = |states| serde_json::to_string(&count_filter(states)).unwrap();
+        assert_eq!(body(None), "{}");
         assert_eq!(
-            ok,
+            body(Some(SUCCESS_STATES)),
             r#"{"flow_runs":{"state":{"name":{"any_":["Completed","Cached"]}}}}"#
         );
-        let watched = names(&["flow-a"]);
-        let flows = serde_json::to_string(&FlowsWithDeployment {
-            flows: FlowFilter {
-                name: AnyOf { any_: &watched },
-                deployment: IsNull { is_null_: false },
-            },
-            limit: PAGE_SIZE,
+        let filter = with_deployment(&["flow-a"]);
+        let flows = serde_json::to_string(&Page {
+            filter: &filter,
+            sort: None,
+            limit: PAGE,
+            offset: None,
         })
         .unwrap();
         assert_eq!(
