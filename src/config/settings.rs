@@ -48,17 +48,17 @@ pub struct Setting {
     /// exporter's own settings, the proxies and the profile choice are
     /// environment-only.
     pub profile: bool,
-    pub read: Read,
+    read: Read,
     /// Key and value in the start-up log line (`None`: shown with another).
-    pub shown: Option<(&'static str, Show)>,
+    shown: Option<(&'static str, Show)>,
 }
 
 /// A setting's value for the start-up log line, secrets as `***`.
-pub type Show = fn(&Config) -> String;
+type Show = fn(&Config) -> String;
 
 /// How an entry writes its field(s) of `Config`, in table order: a reader may
 /// use the fields of the entries above it.
-pub enum Read {
+enum Read {
     /// Unset reads as `default`, so the default shown is the default used.
     Value(fn(&mut Config, &str, Lookup) -> Result<(), ConfigError>),
     /// Unset is `None`, and `default` says in words what that means. `A / B`
@@ -560,6 +560,7 @@ pub fn plain(markdown: &str) -> String {
     out.replace(['`', '['], "").replace("**", "")
 }
 
+/// Shared by the interval's entry and the request timeout's default.
 fn parse_interval(v: &str) -> Result<Duration, ConfigError> {
     let expected = "expected a whole number of seconds, at least 1";
     Ok(Duration::from_secs(parse_positive_int(
