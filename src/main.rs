@@ -5,7 +5,7 @@
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use prefect_exporter::config::{Config, ConfigError, SETTINGS};
+use prefect_exporter::config::{plain, Config, ConfigError, SETTINGS};
 use prefect_exporter::{collector, metrics, prefect, server};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -61,7 +61,7 @@ fn run() -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    init_logging(config.log_level);
+    init_logging(config.log_level.0);
     log::info!(
         "prefect-exporter {} starting: {config}",
         env!("CARGO_PKG_VERSION")
@@ -173,10 +173,13 @@ fn help() -> String {
          Settings (environment variables):\n",
         env!("CARGO_PKG_VERSION")
     );
-    let width = SETTINGS.iter().map(|(n, _, _)| n.len()).max().unwrap_or(0);
-    for (name, default, meaning) in SETTINGS {
+    let width = SETTINGS.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    for s in SETTINGS {
         out.push_str(&format!(
-            "  {name:width$}  {meaning} (default: {default})\n"
+            "  {:width$}  {} (default: {})\n",
+            s.name,
+            plain(s.meaning),
+            plain(s.default)
         ));
     }
     out.push_str(
@@ -193,7 +196,8 @@ mod tests {
     #[test]
     fn help_has_a_line_with_the_default_for_every_setting() {
         let help = help();
-        for (name, default, _) in SETTINGS {
+        for s in SETTINGS {
+            let (name, default) = (s.name, plain(s.default));
             let line = help
                 .lines()
                 .find(|l| {

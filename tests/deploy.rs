@@ -665,58 +665,27 @@ fn env_of<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|e| e.get("name").and_then(Value::as_str) == Some(name))
 }
 
-/// The names and defaults of src/config/settings.rs's SETTINGS table, read from the
-/// source: the settings the exporter knows. "A / B" rows name two variables.
+/// The names and defaults of the exporter's settings, read from the table of
+/// docs/settings.md (a unit test holds it to src/config/settings.rs's SETTINGS).
+/// "`A` / `B`" rows name two variables.
 fn exporter_settings() -> Vec<(String, String)> {
-    let text = read("src/config/settings.rs");
+    let text = read("docs/settings.md");
     let start = text
-        .find("pub const SETTINGS")
-        .expect("SETTINGS in settings.rs");
-    let body = &text[start..];
-    let body = &body[body.find("= &[").expect("SETTINGS = &[") + 4..];
-    // Split the tuples' fields at top-level commas, outside string literals.
-    let (mut rows, mut fields, mut field) = (Vec::new(), Vec::new(), String::new());
-    let (mut depth, mut in_str, mut escaped) = (0, false, false);
-    for ch in body.chars() {
-        if in_str {
-            field.push(ch);
-            match (escaped, ch) {
-                (false, '\\') => escaped = true,
-                (false, '"') => in_str = false,
-                _ => escaped = false,
-            }
-            continue;
-        }
-        match ch {
-            '"' => {
-                in_str = true;
-                field.push(ch);
-            }
-            '(' => depth += 1,
-            ')' => {
-                depth -= 1;
-                // rustfmt leaves a trailing comma after a multi-line tuple's last field.
-                let last = std::mem::take(&mut field);
-                if !last.trim().is_empty() {
-                    fields.push(last);
-                }
-                rows.push(std::mem::take(&mut fields));
-            }
-            ',' if depth == 1 => fields.push(std::mem::take(&mut field)),
-            ']' if depth == 0 => break,
-            c if depth == 1 => field.push(c),
-            _ => {}
-        }
-    }
-    let literal = |f: &str| f.trim().trim_matches('"').to_string();
+        .find("| variable | default | meaning |")
+        .expect("the settings table in docs/settings.md");
     let mut out = Vec::new();
-    for row in rows {
-        assert_eq!(row.len(), 3, "a SETTINGS row has 3 fields: {row:?}");
-        for name in literal(&row[0]).split(" / ") {
-            out.push((name.to_string(), literal(&row[1])));
+    for row in text[start..].lines().skip(2) {
+        let Some(row) = row.strip_prefix("| ") else {
+            break;
+        };
+        let cells: Vec<&str> = row.splitn(3, " | ").collect();
+        assert_eq!(cells.len(), 3, "a settings row has 3 cells: {row}");
+        let default = cells[1].replace('`', "");
+        for name in cells[0].split(" / ") {
+            out.push((name.trim_matches('`').to_string(), default.clone()));
         }
     }
-    assert!(out.len() > 20, "SETTINGS parsed to {out:?}");
+    assert!(out.len() > 20, "the settings table parsed to {out:?}");
     out
 }
 
@@ -797,7 +766,10 @@ fn helm_chart_config_keys_are_exporter_settings() {
         .copied()
         .filter(|n| !reserved.iter().any(|r| r == n))
         .collect();
-    assert_eq!(allowed, want, "values.schema.json config keys vs SETTINGS");
+    assert_eq!(
+        allowed, want,
+        "values.schema.json config keys vs the settings"
+    );
     // values.yaml's config sets known settings, each to the exporter's own default
     // (the chart adds no second default).
     let values = yaml(&format!("{CHART}/values.yaml"));

@@ -4,8 +4,9 @@
 //!
 //! The files, each below its users (no file needs a file that needs it):
 //! `settings` (the table of variables, `Config`) reads each value with `parse`
-//! and `collectors`, the active profile with `profiles` and the proxy with
-//! `proxy`; all of them report an `error::ConfigError`.
+//! and `collectors`, the active profile with `profiles` (handing it the table's
+//! profile keys) and the proxy with `proxy`; all of them report an
+//! `error::ConfigError`.
 
 mod collectors;
 mod error;

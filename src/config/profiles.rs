@@ -5,7 +5,8 @@
 //! Lookup follows Prefect's client: `PREFECT_PROFILES_PATH`, else
 //! `$PREFECT_HOME/profiles.toml`, else `~/.prefect/profiles.toml`; the profile is
 //! `PREFECT_PROFILE`, else the file's `active`. Only the Prefect client settings
-//! below are read from it; the environment always wins.
+//! (`keys`: the table's entries that a profile may set) are read from it; the
+//! environment always wins.
 //!
 //! Where Prefect is lenient, the exporter is strict on purpose: a malformed file,
 //! or a `PREFECT_PROFILE` that names no profile, stops the start with one line
@@ -17,20 +18,6 @@ use std::path::{Path, PathBuf};
 
 use super::error::ConfigError;
 use super::parse::env_value;
-
-/// The settings a profile may provide: Prefect's own client settings. The
-/// exporter's settings (EXPORTER_*, LOG_LEVEL) and proxies are environment-only.
-pub const PROFILE_SETTINGS: &[&str] = &[
-    "PREFECT_API_URL",
-    "PREFECT_API_AUTH_STRING",
-    "PREFECT_API_KEY",
-    "PREFECT_API_REQUEST_TIMEOUT",
-    "PREFECT_CLIENT_MAX_RETRIES",
-    "PREFECT_CLIENT_CUSTOM_HEADERS",
-    "PREFECT_API_SSL_CERT_FILE",
-    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
-    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED",
-];
 
 /// Profiles Prefect ships with: naming one that the user's file lacks is valid
 /// for Prefect (it falls back to its bundled copy, which sets nothing the
@@ -104,7 +91,10 @@ pub fn profiles_path(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
 }
 
 /// Loads the active profile. `Ok(None)`: no file, or no profile is active.
-pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>, ConfigError> {
+pub fn load(
+    env: &dyn Fn(&str) -> Option<String>,
+    keys: &[&str],
+) -> Result<Option<Profile>, ConfigError> {
     let Some(path) = profiles_path(env) else {
         return Ok(None);
     };
@@ -132,11 +122,16 @@ pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>, Con
         }
         Err(e) => return Err(profile_error(&path, format!("cannot read it: {e}"))),
     };
-    parse(&text, &path, chosen.as_deref().map(str::trim))
+    parse(&text, &path, chosen.as_deref().map(str::trim), keys)
 }
 
 /// Picks and reads the active profile out of the file's text.
-fn parse(text: &str, path: &Path, chosen: Option<&str>) -> Result<Option<Profile>, ConfigError> {
+fn parse(
+    text: &str,
+    path: &Path,
+    chosen: Option<&str>,
+    keys: &[&str],
+) -> Result<Option<Profile>, ConfigError> {
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         // The parser's own rendering quotes the offending line, which may hold a
         // key or password: say only where and what.
@@ -205,7 +200,7 @@ fn parse(text: &str, path: &Path, chosen: Option<&str>) -> Result<Option<Profile
         }
     };
     let mut values = HashMap::new();
-    for key in PROFILE_SETTINGS {
+    for key in keys {
         let Some(value) = table.get(*key) else {
             continue;
         };
@@ -275,25 +270,30 @@ fn profile_error(path: &Path, detail: String) -> ConfigError {
 }
 
 /// The lookup `from_lookup` reads: the environment first (an empty value counts
-/// as unset), then, for Prefect client settings only, the active profile.
+/// as unset), then the active profile (which holds Prefect client settings only).
 pub fn env_then_profile<'a>(
     env: &'a dyn Fn(&str) -> Option<String>,
     profile: Option<&'a Profile>,
 ) -> impl Fn(&str) -> Option<String> + 'a {
-    move |name: &str| {
-        env_value(env, name).or_else(|| {
-            if PROFILE_SETTINGS.contains(&name) {
-                profile.and_then(|p| p.get(name))
-            } else {
-                None
-            }
-        })
-    }
+    move |name: &str| env_value(env, name).or_else(|| profile.and_then(|p| p.get(name)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `parse` and `load` with the table's profile keys.
+    fn parse(
+        text: &str,
+        path: &Path,
+        chosen: Option<&str>,
+    ) -> Result<Option<Profile>, ConfigError> {
+        super::parse(text, path, chosen, &crate::config::settings::profile_keys())
+    }
+
+    fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>, ConfigError> {
+        super::load(env, &crate::config::settings::profile_keys())
+    }
 
     fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |k: &str| {

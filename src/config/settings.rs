@@ -1,6 +1,11 @@
 //! The settings table and `Config`: every variable read once from the
 //! environment (and the active Prefect profile) and validated before anything
 //! starts.
+//!
+//! Each setting is one entry of `SETTINGS`: its name, default, meaning, reader
+//! and how the start-up log shows it. That entry is all of it: `--help`, the
+//! profile keys, `Config`'s Display and docs/settings.md (held to the table by
+//! a unit test) follow from it, so none of them can forget or misstate one.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -19,150 +24,505 @@ use super::parse::{
 use super::profiles::{self, env_then_profile};
 use super::proxy::{self, ProxyChoice};
 
-pub const DEFAULT_API_URL: &str = "http://127.0.0.1:4200/api";
-pub const DEFAULT_PORT: u16 = 8080;
-pub const DEFAULT_INTERVAL_SECS: u64 = 30;
-pub const DEFAULT_MAX_REQUEST_TIMEOUT_SECS: f64 = 60.0;
-pub const DEFAULT_MAX_RETRIES: u32 = 5;
 /// Prefect Cloud's API: CSRF tokens are a self-hosted feature, Prefect's own
 /// client never asks Cloud for one, and neither does the exporter.
 pub const PREFECT_CLOUD_API_URL: &str = "https://api.prefect.cloud/";
-pub const DEFAULT_LOOKBACK_SECS: u64 = 7 * 86_400;
-pub const DEFAULT_FLOW_RUNS_MAX_AGE_SECS: u64 = 600;
-pub const DEFAULT_MAX_DEPLOYMENTS: usize = 1000;
-pub const DEFAULT_MAX_LISTED_RUNS: usize = 1000;
-/// How long a window of events waits before it is counted (see collect/events.rs).
-pub const DEFAULT_EVENTS_SETTLE_SECS: u64 = 30;
-/// Seconds to a day in 13 steps.
-pub const DEFAULT_DURATION_BUCKETS: &[f64] = &[
-    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
-];
+/// Also bounds the request timeout's default, whose entry comes first.
+const DEFAULT_INTERVAL: &str = "30";
 
-/// Every variable the exporter reads, with its default and meaning: the single
-/// source for `--help` and the table of docs/settings.md.
-pub const SETTINGS: &[(&str, &str, &str)] = &[
-    (
-        "PREFECT_API_URL",
-        DEFAULT_API_URL,
-        "Prefect API base URL (self-hosted .../api or a Prefect Cloud workspace URL)",
-    ),
-    (
-        "PREFECT_API_AUTH_STRING",
-        "unset",
-        "user:pass for a self-hosted server with basic auth (wins over the key)",
-    ),
-    (
-        "PREFECT_API_KEY",
-        "unset",
-        "Prefect Cloud API key, sent as a Bearer token",
-    ),
-    (
-        "PREFECT_API_REQUEST_TIMEOUT",
-        "min(60, EXPORTER_INTERVAL)",
-        "seconds one request to Prefect may take",
-    ),
-    (
-        "PREFECT_CLIENT_MAX_RETRIES",
-        "5",
-        "retries on 408/429/502/503 (honouring Retry-After) and on a reset reused connection, within the collection",
-    ),
-    (
-        "PREFECT_CLIENT_CUSTOM_HEADERS",
-        "{}",
-        "JSON object of extra headers sent to Prefect",
-    ),
-    (
-        "PREFECT_API_SSL_CERT_FILE",
-        "SSL_CERT_FILE, else built-in roots",
-        "PEM file of CA certificates to trust for https",
-    ),
-    (
-        "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
-        "false",
-        "true to skip certificate checks (logged as a warning)",
-    ),
-    (
-        "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED",
-        "true",
-        "fetch and send CSRF tokens when the server asks for them",
-    ),
-    (
-        "PREFECT_PROFILES_PATH",
-        "$PREFECT_HOME/profiles.toml",
-        "Prefect profiles file; its active profile fills the PREFECT_* client settings the environment lacks",
-    ),
-    ("PREFECT_HOME", "~/.prefect", "Prefect home directory (holds profiles.toml)"),
-    (
-        "PREFECT_PROFILE",
-        "the file's `active`",
-        "name of the profile to read from the profiles file",
-    ),
-    (
-        "HTTPS_PROXY / HTTP_PROXY",
-        "unset",
-        "proxy for https / http Prefect URLs (also lower case, ALL_PROXY as a fallback)",
-    ),
-    (
-        "NO_PROXY",
-        "unset",
-        "comma-separated hosts, domains, IPs or CIDR blocks reached without the proxy",
-    ),
-    (
-        "EXPORTER_ADDRESS",
-        "all interfaces",
-        "IP address to listen on",
-    ),
-    (
-        "EXPORTER_PORT",
-        "8080",
-        "TCP port of the /metrics endpoint (0: any free port)",
-    ),
-    ("EXPORTER_INTERVAL", "30", "seconds between two collections"),
-    (
-        "LOG_LEVEL",
-        "INFO",
-        "trace, debug, info, warn(ing), error or off",
-    ),
-    (
-        "EXPORTER_CHECK_DEPLOYMENTS",
-        "empty",
-        "comma-separated flow names that must have a deployment",
-    ),
-    (
-        "EXPORTER_COLLECTORS",
-        "flow_runs,deployments,work_pools,work_queues,active_flow_runs,concurrency_limits,events",
-        "comma-separated breakdown groups (the six specified metrics are always collected)",
-    ),
-    (
-        "EXPORTER_LOOKBACK",
-        "7d",
-        "how far back the first collection reads runs that ended (seconds, or with s, m, h or d)",
-    ),
-    (
-        "EXPORTER_FLOW_RUNS_MAX_AGE",
-        "10m",
-        "longest reuse of prefect_flow_runs (read again after 3000 times its read time; 0: every collection)",
-    ),
-    (
-        "EXPORTER_MAX_DEPLOYMENTS",
-        "1000",
-        "most deployments that get per-deployment series (the newest created first)",
-    ),
-    (
-        "EXPORTER_MAX_LISTED_RUNS",
-        "1000",
-        "most late runs, and most runs in progress, known and counted per deployment (listed 200 per request when they change); past it the totals stay exact and the series say so",
-    ),
-    (
-        "EXPORTER_EVENTS_SETTLE",
-        "30s",
-        "how long Prefect's events get to be stored before a window of them is counted (seconds, or with s, m or h)",
-    ),
-    (
-        "EXPORTER_DURATION_BUCKETS",
-        "1,5,15,30,60,300,600,1800,3600,7200,14400,43200,86400",
-        "upper bounds in seconds (or with s, m, h or d) of the run duration and start delay histogram buckets",
-    ),
+/// The variables as every reader sees them: an empty value is unset.
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// One variable (or, as `A / B`, two read together).
+pub struct Setting {
+    pub name: &'static str,
+    /// Markdown (backquotes) where `read` is not `Value`: docs/settings.md shows
+    /// it as is, `--help` as plain text.
+    pub default: &'static str,
+    /// The cell of docs/settings.md, in Markdown: `--help` prints it as plain text.
+    pub meaning: &'static str,
+    /// Its value may hold a credential: an error shows it as `***`, whatever
+    /// the reader put there (and its `shown` hides it).
+    pub secret: bool,
+    /// A Prefect profile may set it: Prefect's own client settings. The
+    /// exporter's own settings, the proxies and the profile choice are
+    /// environment-only.
+    pub profile: bool,
+    read: Read,
+    /// Key and value in the start-up log line (`None`: shown with another).
+    shown: Option<(&'static str, Show)>,
+}
+
+/// A setting's value for the start-up log line, secrets as `***`.
+type Show = fn(&Config) -> String;
+
+/// How an entry writes its field(s) of `Config`, in table order: a reader may
+/// use the fields of the entries above it.
+enum Read {
+    /// Unset reads as `default`, so the default shown is the default used.
+    Value(fn(&mut Config, &str, Lookup) -> Result<(), ConfigError>),
+    /// Unset is `None`, and `default` says in words what that means. `A / B`
+    /// names are always `None`: their reader looks up its variables itself.
+    Optional(fn(&mut Config, Option<&str>, Lookup) -> Result<(), ConfigError>),
+    /// Read before the table (the profile settings: they choose where the
+    /// others come from) or by another entry (`NO_PROXY`, by the proxy's).
+    Elsewhere,
+}
+
+impl Setting {
+    /// The variables of the entry: one, or two for `A / B`.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> {
+        self.name.split(" / ")
+    }
+}
+
+/// Every variable the exporter reads, in the order of `--help` and
+/// docs/settings.md.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "PREFECT_API_URL",
+        default: "http://127.0.0.1:4200/api",
+        meaning: "Prefect API base URL: `https://host/api` for self-hosted, the workspace URL for \
+                  Prefect Cloud. A trailing `/` is fine.",
+        secret: false,
+        profile: true,
+        read: Read::Value(|c, v, get| {
+            c.api_url = parse_url(v)?;
+            let has_key = get("PREFECT_API_KEY").is_some();
+            c.warnings.extend(cloud_url_warning(&c.api_url, has_key));
+            Ok(())
+        }),
+        shown: Some(("api_url", |c| c.api_url.clone())),
+    },
+    Setting {
+        name: "PREFECT_API_AUTH_STRING",
+        default: "unset",
+        meaning: "`user:pass` of a self-hosted server with basic auth; sent as HTTP Basic. Wins \
+                  over the key when both are set.",
+        secret: true,
+        profile: true,
+        read: Read::Optional(|c, v, get| {
+            let Some(s) = v else { return Ok(()) };
+            if !s.contains(':') {
+                return Err(invalid("PREFECT_API_AUTH_STRING", s.into(), "expected user:pass"));
+            }
+            if get("PREFECT_API_KEY").is_some() {
+                c.warnings.push(
+                    "both PREFECT_API_AUTH_STRING and PREFECT_API_KEY are set: using the auth string"
+                        .to_string(),
+                );
+            }
+            c.auth = Auth::Basic(s.to_string());
+            Ok(())
+        }),
+        shown: Some(("auth", |c| {
+            match c.auth {
+                Auth::None => "none",
+                Auth::Basic(_) => "basic ***",
+                Auth::Bearer(_) => "bearer ***",
+            }
+            .to_string()
+        })),
+    },
+    Setting {
+        name: "PREFECT_API_KEY",
+        default: "unset",
+        meaning: "Prefect Cloud API key, sent as `Authorization: Bearer`.",
+        secret: true,
+        profile: true,
+        read: Read::Optional(|c, v, _| {
+            let (Some(k), Auth::None) = (v, &c.auth) else {
+                return Ok(());
+            };
+            let k = k.trim();
+            if !is_header_value(k) {
+                return Err(invalid(
+                    "PREFECT_API_KEY",
+                    k.into(),
+                    "expected printable ASCII characters only",
+                ));
+            }
+            c.auth = Auth::Bearer(k.to_string());
+            Ok(())
+        }),
+        shown: None,
+    },
+    Setting {
+        name: "PREFECT_API_REQUEST_TIMEOUT",
+        default: "smaller of 60 and `EXPORTER_INTERVAL`",
+        meaning: "seconds one request may take (never past the end of the collection).",
+        secret: false,
+        profile: true,
+        read: Read::Optional(|c, v, get| {
+            c.request_timeout = match v {
+                Some(v) => parse_seconds("PREFECT_API_REQUEST_TIMEOUT", v)?,
+                // EXPORTER_INTERVAL's entry is further down: read it here too (a
+                // bad one is reported here, with its own message).
+                None => {
+                    let interval = get("EXPORTER_INTERVAL");
+                    parse_interval(interval.as_deref().unwrap_or(DEFAULT_INTERVAL))?
+                        .min(Duration::from_secs(60))
+                }
+            };
+            Ok(())
+        }),
+        shown: Some(("request_timeout", |c| {
+            format!("{}s", c.request_timeout.as_secs_f64())
+        })),
+    },
+    Setting {
+        name: "PREFECT_CLIENT_MAX_RETRIES",
+        default: "5",
+        meaning: "retries of a request answered 408/429/502/503 (honouring `Retry-After`), always \
+                  inside the collection's time.",
+        secret: false,
+        profile: true,
+        read: Read::Value(|c, v, _| {
+            c.max_retries = v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= 100)
+                .ok_or_else(|| {
+                    invalid(
+                        "PREFECT_CLIENT_MAX_RETRIES",
+                        v.into(),
+                        "expected a whole number from 0 to 100",
+                    )
+                })?;
+            Ok(())
+        }),
+        shown: Some(("max_retries", |c| c.max_retries.to_string())),
+    },
+    Setting {
+        name: "PREFECT_CLIENT_CUSTOM_HEADERS",
+        default: "{}",
+        meaning: "JSON object of extra headers. `Authorization`, `User-Agent` and the CSRF \
+                  headers cannot be overridden.",
+        secret: true,
+        profile: true,
+        read: Read::Value(|c, v, _| {
+            c.custom_headers = parse_headers(v, &mut c.warnings)?;
+            Ok(())
+        }),
+        shown: Some(("custom_headers", |c| {
+            let names: Vec<String> = c
+                .custom_headers
+                .iter()
+                .map(|(k, _)| format!("{k}: ***"))
+                .collect();
+            format!("[{}]", names.join(", "))
+        })),
+    },
+    Setting {
+        name: "PREFECT_API_SSL_CERT_FILE",
+        default: "`SSL_CERT_FILE`, else built-in Mozilla roots",
+        meaning: "PEM file of CA certificates for https.",
+        secret: false,
+        profile: true,
+        read: Read::Optional(|c, v, get| {
+            (c.ssl_cert_file, c.ssl_cert_var) = match v {
+                Some(v) => (Some(PathBuf::from(v)), "PREFECT_API_SSL_CERT_FILE"),
+                // SSL_CERT_FILE is a machine-wide variable, often inherited from a
+                // host that has the file when the exporter's container does not: a
+                // missing file there falls back to the built-in roots instead of
+                // stopping.
+                None => match get("SSL_CERT_FILE").map(PathBuf::from) {
+                    Some(p) if !p.exists() => {
+                        c.warnings.push(format!(
+                            "SSL_CERT_FILE={}: no such file, using the built-in CA roots",
+                            p.display()
+                        ));
+                        (None, "SSL_CERT_FILE")
+                    }
+                    other => (other, "SSL_CERT_FILE"),
+                },
+            };
+            Ok(())
+        }),
+        shown: Some(("ca_file", |c| match &c.ssl_cert_file {
+            Some(p) => p.display().to_string(),
+            None => "built-in".into(),
+        })),
+    },
+    Setting {
+        name: "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
+        default: "false",
+        meaning: "`true` skips certificate checks (logged as a warning).",
+        secret: false,
+        profile: true,
+        read: Read::Value(|c, v, _| {
+            c.tls_insecure_skip_verify = parse_bool("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", v)?;
+            if c.tls_insecure_skip_verify {
+                c.warnings.push(
+                    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY=true: TLS certificates of Prefect are NOT checked"
+                        .to_string(),
+                );
+            }
+            Ok(())
+        }),
+        shown: Some(("tls_skip_verify", |c| c.tls_insecure_skip_verify.to_string())),
+    },
+    Setting {
+        name: "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED",
+        default: "true",
+        meaning: "fetch and send CSRF tokens when the server has CSRF protection on.",
+        secret: false,
+        profile: true,
+        read: Read::Value(|c, v, _| {
+            c.csrf_enabled = parse_bool("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", v)?
+                && !c.api_url.starts_with(PREFECT_CLOUD_API_URL);
+            Ok(())
+        }),
+        shown: Some(("csrf", |c| c.csrf_enabled.to_string())),
+    },
+    Setting {
+        name: "PREFECT_PROFILES_PATH",
+        default: "`$PREFECT_HOME/profiles.toml`",
+        meaning: "Prefect profiles file: its active profile fills the `PREFECT_*` client settings \
+                  the environment lacks ([Profiles](connecting.md#profiles)).",
+        secret: false,
+        profile: false,
+        read: Read::Elsewhere,
+        shown: None,
+    },
+    Setting {
+        name: "PREFECT_HOME",
+        default: "`~/.prefect`",
+        meaning: "Prefect's home directory (holds `profiles.toml`).",
+        secret: false,
+        profile: false,
+        read: Read::Elsewhere,
+        shown: None,
+    },
+    Setting {
+        name: "PREFECT_PROFILE",
+        default: "the file's `active`",
+        meaning: "the profile to read.",
+        secret: false,
+        profile: false,
+        read: Read::Elsewhere,
+        shown: Some(("profile", |c| c.profile.as_deref().unwrap_or("none").into())),
+    },
+    Setting {
+        name: "HTTPS_PROXY / HTTP_PROXY",
+        default: "unset",
+        meaning: "proxy for https / http Prefect URLs (also lower case, `ALL_PROXY` as a \
+                  fallback), as curl and Prefect's client use them (see **Proxies** under \
+                  [Self-hosted Prefect server](connecting.md#self-hosted-prefect-server)).",
+        secret: false,
+        profile: false,
+        read: Read::Optional(|c, _, get| {
+            c.proxy = proxy::choose(&c.api_url, get)?;
+            Ok(())
+        }),
+        shown: Some(("proxy", |c| match &c.proxy {
+            Some(p) => p.to_string(),
+            None => "none".into(),
+        })),
+    },
+    Setting {
+        name: "NO_PROXY",
+        default: "unset",
+        meaning: "comma-separated hosts, domains, IPs or CIDR blocks reached without the proxy \
+                  (also lower case).",
+        secret: false,
+        profile: false,
+        read: Read::Elsewhere,
+        shown: None,
+    },
+    Setting {
+        name: "EXPORTER_ADDRESS",
+        default: "all interfaces (IPv6 and IPv4)",
+        meaning: "IP address to listen on, e.g. `127.0.0.1`.",
+        secret: false,
+        profile: false,
+        read: Read::Optional(|c, v, _| {
+            let Some(v) = v else { return Ok(()) };
+            let ip = v.trim().trim_matches(['[', ']']).parse::<IpAddr>();
+            c.address = Some(ip.map_err(|_| {
+                invalid(
+                    "EXPORTER_ADDRESS",
+                    v.into(),
+                    "expected an IP address such as 0.0.0.0, 127.0.0.1 or ::",
+                )
+            })?);
+            Ok(())
+        }),
+        shown: Some(("address", |c| match c.address {
+            Some(a) => a.to_string(),
+            None => "all interfaces".into(),
+        })),
+    },
+    Setting {
+        name: "EXPORTER_PORT",
+        default: "8080",
+        meaning: "port of the HTTP server (`0`: any free port, printed in the log).",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.port = v.trim().parse().map_err(|_| {
+                invalid(
+                    "EXPORTER_PORT",
+                    v.into(),
+                    "not a port number (expected 0 to 65535)",
+                )
+            })?;
+            Ok(())
+        }),
+        shown: Some(("port", |c| c.port.to_string())),
+    },
+    Setting {
+        name: "EXPORTER_INTERVAL",
+        default: DEFAULT_INTERVAL,
+        meaning: "seconds between collections (whole number, at least 1). Scrape at the same \
+                  interval.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.interval = parse_interval(v)?;
+            Ok(())
+        }),
+        shown: Some(("interval", |c| format!("{}s", c.interval.as_secs()))),
+    },
+    Setting {
+        name: "LOG_LEVEL",
+        default: "INFO",
+        meaning: "`trace`, `debug`, `info`, `warn`/`warning`, `error` or `off`, any case.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.log_level = LogLevel(parse_log_level(v)?);
+            Ok(())
+        }),
+        shown: Some(("log_level", |c| c.log_level.0.to_string())),
+    },
+    Setting {
+        name: "EXPORTER_CHECK_DEPLOYMENTS",
+        default: "empty",
+        meaning: "comma-separated flow names that must have at least one deployment. Blanks and \
+                  repeats are ignored.",
+        secret: false,
+        profile: false,
+        read: Read::Optional(|c, v, _| {
+            c.check_deployments = v.map(parse_name_list).unwrap_or_default();
+            Ok(())
+        }),
+        shown: Some(("check_deployments", |c| {
+            format!("[{}]", c.check_deployments.join(","))
+        })),
+    },
+    Setting {
+        name: "EXPORTER_COLLECTORS",
+        default: "flow_runs,deployments,work_pools,work_queues,active_flow_runs,concurrency_limits,events",
+        meaning: "breakdown groups to collect ([Breakdowns](metrics.md#breakdowns)); the six \
+                  original metrics are always collected. An unknown name is a configuration error.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.collectors = parse_collectors(v)?;
+            Ok(())
+        }),
+        shown: Some(("collectors", |c| {
+            format!("[{}]", c.collectors.names().join(","))
+        })),
+    },
+    Setting {
+        name: "EXPORTER_LOOKBACK",
+        default: "7d",
+        meaning: "how far back the last-run times reach at start (one look-up per deployment and \
+                  state type): seconds, or a number with `s`, `m`, `h` or `d`.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.lookback = parse_lookback(v)?;
+            Ok(())
+        }),
+        shown: Some(("lookback", |c| format!("{}s", c.lookback.as_secs()))),
+    },
+    Setting {
+        name: "EXPORTER_FLOW_RUNS_MAX_AGE",
+        default: "10m",
+        meaning: "longest time `prefect_flow_runs` is reused: the per-state counts (one `POST \
+                  /flow_runs/history`, whose server cost grows with the run history) are read \
+                  again once their age reaches 3000 times their last read time, and at most this \
+                  old (`0`: every collection). `prefect_flow_runs_age_seconds` says how old they \
+                  are; a reused breakdown is the server's state at its reading, never a mix. Same \
+                  units as `EXPORTER_LOOKBACK`.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.flow_runs_max_age = parse_max_age(v)?;
+            Ok(())
+        }),
+        shown: Some(("flow_runs_max_age", |c| {
+            format!("{}s", c.flow_runs_max_age.as_secs())
+        })),
+    },
+    Setting {
+        name: "EXPORTER_MAX_DEPLOYMENTS",
+        default: "1000",
+        meaning: "most deployments that get per-deployment series (newest created first); a WARN \
+                  line says once when the cap cuts.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            let expected = "expected a whole number of deployments, at least 1";
+            c.max_deployments = parse_positive_int("EXPORTER_MAX_DEPLOYMENTS", v, expected)? as usize;
+            Ok(())
+        }),
+        shown: Some(("max_deployments", |c| c.max_deployments.to_string())),
+    },
+    Setting {
+        name: "EXPORTER_MAX_LISTED_RUNS",
+        default: "1000",
+        meaning: "most late runs, and most runs in progress, known and counted per deployment: \
+                  listed 200 per request (at most 5 requests each by default) when they change, \
+                  else proved unchanged by counts. Past it the totals stay exact, the \
+                  per-deployment and per-queue counts cover the listed runs, and \
+                  `prefect_late_flow_runs_capped` / `prefect_active_flow_runs_capped` say so \
+                  ([Request cost](metrics.md#request-cost-1)).",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            let expected = "expected a whole number of runs, at least 1";
+            c.max_listed_runs = parse_positive_int("EXPORTER_MAX_LISTED_RUNS", v, expected)? as usize;
+            Ok(())
+        }),
+        shown: Some(("max_listed_runs", |c| c.max_listed_runs.to_string())),
+    },
+    Setting {
+        name: "EXPORTER_EVENTS_SETTLE",
+        default: "30s",
+        meaning: "how long Prefect's events get to be stored before a window of them is counted \
+                  by the state-change counters ([Rates and \
+                  durations](metrics.md#rates-and-durations)): seconds (fractions allowed) or \
+                  with `s`, `m`, `h`; 0 to 1 h.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.events_settle = parse_settle(v)?;
+            Ok(())
+        }),
+        shown: Some(("events_settle", |c| format!("{}s", c.events_settle.as_secs()))),
+    },
+    Setting {
+        name: "EXPORTER_DURATION_BUCKETS",
+        default: "1,5,15,30,60,300,600,1800,3600,7200,14400,43200,86400",
+        meaning: "upper bounds of the run duration and start delay histogram buckets, \
+                  increasing, in seconds or with `s`, `m`, `h`, `d` (e.g. `10,1m,10m,1h,1d`); at \
+                  most 50.",
+        secret: false,
+        profile: false,
+        read: Read::Value(|c, v, _| {
+            c.duration_buckets = parse_buckets(v)?;
+            Ok(())
+        }),
+        shown: Some(("duration_buckets", |c| {
+            let bounds: Vec<String> = c.duration_buckets.iter().map(f64::to_string).collect();
+            format!("[{}]", bounds.join(","))
+        })),
+    },
 ];
 
 /// Settings that no longer exist, with what replaced them: a user may still
@@ -173,9 +533,47 @@ pub const REMOVED_SETTINGS: &[(&str, &str)] = &[(
      attribute a name to the wrong state type",
 )];
 
+/// The settings a Prefect profile may provide.
+pub(super) fn profile_keys() -> Vec<&'static str> {
+    SETTINGS
+        .iter()
+        .filter(|s| s.profile)
+        .map(|s| s.name)
+        .collect()
+}
+
+/// Text for `--help` out of the table's Markdown: no backquotes or bold, and a
+/// link as its text and the page it leads to (`docs/connecting.md`).
+pub fn plain(markdown: &str) -> String {
+    let mut out = String::with_capacity(markdown.len());
+    let mut rest = markdown;
+    while let Some(at) = rest.find("](") {
+        let Some(end) = rest[at..].find(')') else {
+            break;
+        };
+        let page = rest[at + 2..at + end].split('#').next().unwrap_or("");
+        out.push_str(&rest[..at]);
+        out.push_str(&format!(" in docs/{page}"));
+        rest = &rest[at + end + 1..];
+    }
+    out.push_str(rest);
+    out.replace(['`', '['], "").replace("**", "")
+}
+
+/// Shared by the interval's entry and the request timeout's default.
+fn parse_interval(v: &str) -> Result<Duration, ConfigError> {
+    let expected = "expected a whole number of seconds, at least 1";
+    Ok(Duration::from_secs(parse_positive_int(
+        "EXPORTER_INTERVAL",
+        v,
+        expected,
+    )?))
+}
+
 /// How the exporter proves who it is to Prefect.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum Auth {
+    #[default]
     None,
     /// `user:pass` of a self-hosted server started with an auth string.
     Basic(String),
@@ -183,7 +581,20 @@ pub enum Auth {
     Bearer(String),
 }
 
-#[derive(Clone)]
+/// `LevelFilter` has no `Default`, which the table's readers start from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogLevel(pub LevelFilter);
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        LogLevel(LevelFilter::Info)
+    }
+}
+
+/// The settings as their users read them. Every field is written by the
+/// reader of its entry in `SETTINGS`; `Default` is only the blank those
+/// readers start from, not a usable configuration.
+#[derive(Clone, Default)]
 pub struct Config {
     /// Without a trailing slash, so paths can be appended as `/flow_runs/count`.
     pub api_url: String,
@@ -202,7 +613,7 @@ pub struct Config {
     pub address: Option<IpAddr>,
     pub port: u16,
     pub interval: Duration,
-    pub log_level: LevelFilter,
+    pub log_level: LogLevel,
     pub check_deployments: Vec<String>,
     pub collectors: Collectors,
     /// How far back the first collection looks for runs that ended.
@@ -217,7 +628,6 @@ pub struct Config {
     pub duration_buckets: Vec<f64>,
     /// Longest time the per-state breakdown is reused (collect::flow_runs).
     pub flow_runs_max_age: Duration,
-    /// How the per-state breakdown is read (collect::flow_runs).
     /// Things worth telling the user that are not errors; logged once logging is up.
     pub warnings: Vec<String>,
 }
@@ -226,7 +636,7 @@ impl Config {
     /// Reads the settings from the environment, and the Prefect client settings
     /// it lacks from the active Prefect profile (see `profiles`).
     pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let profile = profiles::load(env)?;
+        let profile = profiles::load(env, &profile_keys())?;
         let lookup = env_then_profile(env, profile.as_ref());
         let mut config = Config::from_lookup(&lookup).map_err(|e| match (&e, &profile) {
             (ConfigError::Invalid { var, .. }, Some(p))
@@ -249,287 +659,43 @@ impl Config {
     /// `VAR=` lines behind.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-        let mut warnings = Vec::new();
-
-        let api_url = match get("PREFECT_API_URL") {
-            Some(v) => parse_url(&v)?,
-            None => DEFAULT_API_URL.to_string(),
-        };
-
-        warnings.extend(cloud_url_warning(
-            &api_url,
-            get("PREFECT_API_KEY").is_some(),
-        ));
-
-        let auth = match (get("PREFECT_API_AUTH_STRING"), get("PREFECT_API_KEY")) {
-            (Some(s), key) => {
-                if !s.contains(':') {
-                    return Err(invalid(
-                        "PREFECT_API_AUTH_STRING",
-                        "***".into(),
-                        "expected user:pass",
-                    ));
-                }
-                if key.is_some() {
-                    warnings.push(
-                        "both PREFECT_API_AUTH_STRING and PREFECT_API_KEY are set: using the auth string"
-                            .to_string(),
-                    );
-                }
-                Auth::Basic(s)
-            }
-            (None, Some(k)) => {
-                let k = k.trim().to_string();
-                if !is_header_value(&k) {
-                    return Err(invalid(
-                        "PREFECT_API_KEY",
-                        "***".into(),
-                        "expected printable ASCII characters only",
-                    ));
-                }
-                Auth::Bearer(k)
-            }
-            (None, None) => Auth::None,
-        };
-
-        let interval = match get("EXPORTER_INTERVAL") {
-            Some(v) => Duration::from_secs(parse_positive_int(
-                "EXPORTER_INTERVAL",
-                &v,
-                "expected a whole number of seconds, at least 1",
-            )?),
-            None => Duration::from_secs(DEFAULT_INTERVAL_SECS),
-        };
-
-        let request_timeout = match get("PREFECT_API_REQUEST_TIMEOUT") {
-            Some(v) => parse_seconds("PREFECT_API_REQUEST_TIMEOUT", &v)?,
-            None => interval.min(Duration::from_secs_f64(DEFAULT_MAX_REQUEST_TIMEOUT_SECS)),
-        };
-
-        let max_retries = match get("PREFECT_CLIENT_MAX_RETRIES") {
-            Some(v) => v
-                .trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|n| *n <= 100)
-                .ok_or_else(|| {
-                    invalid(
-                        "PREFECT_CLIENT_MAX_RETRIES",
-                        v.clone(),
-                        "expected a whole number from 0 to 100",
-                    )
-                })?,
-            None => DEFAULT_MAX_RETRIES,
-        };
-
-        let custom_headers = match get("PREFECT_CLIENT_CUSTOM_HEADERS") {
-            Some(v) => parse_headers(&v, &mut warnings)?,
-            None => Vec::new(),
-        };
-
-        let (ssl_cert_file, ssl_cert_var) = match get("PREFECT_API_SSL_CERT_FILE") {
-            Some(v) => (Some(PathBuf::from(v)), "PREFECT_API_SSL_CERT_FILE"),
-            // SSL_CERT_FILE is a machine-wide variable, often inherited from a host
-            // that has the file when the exporter's container does not: a missing
-            // file there falls back to the built-in roots instead of stopping.
-            None => match get("SSL_CERT_FILE").map(PathBuf::from) {
-                Some(p) if !p.exists() => {
-                    warnings.push(format!(
-                        "SSL_CERT_FILE={}: no such file, using the built-in CA roots",
-                        p.display()
-                    ));
-                    (None, "SSL_CERT_FILE")
-                }
-                other => (other, "SSL_CERT_FILE"),
-            },
-        };
-        let tls_insecure_skip_verify = match get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY") {
-            Some(v) => parse_bool("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", &v)?,
-            None => false,
-        };
-        if tls_insecure_skip_verify {
-            warnings.push(
-                "PREFECT_API_TLS_INSECURE_SKIP_VERIFY=true: TLS certificates of Prefect are NOT checked"
-                    .to_string(),
-            );
+        let mut config = Config::default();
+        for s in SETTINGS {
+            let value = get(s.name);
+            let read = match s.read {
+                Read::Value(read) => read(&mut config, value.as_deref().unwrap_or(s.default), &get),
+                Read::Optional(read) => read(&mut config, value.as_deref(), &get),
+                Read::Elsewhere => Ok(()),
+            };
+            read.map_err(|e| match e {
+                ConfigError::Invalid { var, expected, .. } if s.secret => ConfigError::Invalid {
+                    var,
+                    value: "***".into(),
+                    expected,
+                },
+                e => e,
+            })?;
         }
-        let csrf_enabled = match get("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED") {
-            Some(v) => parse_bool("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", &v)?,
-            None => true,
-        } && !api_url.starts_with(PREFECT_CLOUD_API_URL);
-        let proxy = proxy::choose(&api_url, lookup)?;
-
-        let address = match get("EXPORTER_ADDRESS") {
-            Some(v) => Some(
-                v.trim()
-                    .trim_matches(['[', ']'])
-                    .parse::<IpAddr>()
-                    .map_err(|_| {
-                        invalid(
-                            "EXPORTER_ADDRESS",
-                            v.clone(),
-                            "expected an IP address such as 0.0.0.0, 127.0.0.1 or ::",
-                        )
-                    })?,
-            ),
-            None => None,
-        };
-
-        let port = match get("EXPORTER_PORT") {
-            Some(v) => v.trim().parse::<u16>().map_err(|_| {
-                invalid(
-                    "EXPORTER_PORT",
-                    v.clone(),
-                    "not a port number (expected 0 to 65535)",
-                )
-            })?,
-            None => DEFAULT_PORT,
-        };
-
-        let log_level = match get("LOG_LEVEL") {
-            Some(v) => parse_log_level(&v)?,
-            None => LevelFilter::Info,
-        };
-
-        let check_deployments = get("EXPORTER_CHECK_DEPLOYMENTS")
-            .map(|v| parse_name_list(&v))
-            .unwrap_or_default();
-
-        let collectors = match get("EXPORTER_COLLECTORS") {
-            Some(v) => parse_collectors(&v)?,
-            None => Collectors::default(),
-        };
-
-        let lookback = match get("EXPORTER_LOOKBACK") {
-            Some(v) => parse_lookback(&v)?,
-            None => Duration::from_secs(DEFAULT_LOOKBACK_SECS),
-        };
-
-        let max_deployments = match get("EXPORTER_MAX_DEPLOYMENTS") {
-            Some(v) => parse_positive_int(
-                "EXPORTER_MAX_DEPLOYMENTS",
-                &v,
-                "expected a whole number of deployments, at least 1",
-            )? as usize,
-            None => DEFAULT_MAX_DEPLOYMENTS,
-        };
-
-        let max_listed_runs = match get("EXPORTER_MAX_LISTED_RUNS") {
-            Some(v) => parse_positive_int(
-                "EXPORTER_MAX_LISTED_RUNS",
-                &v,
-                "expected a whole number of runs, at least 1",
-            )? as usize,
-            None => DEFAULT_MAX_LISTED_RUNS,
-        };
-
-        let events_settle = match get("EXPORTER_EVENTS_SETTLE") {
-            Some(v) => parse_settle(&v)?,
-            None => Duration::from_secs(DEFAULT_EVENTS_SETTLE_SECS),
-        };
-
-        let duration_buckets = match get("EXPORTER_DURATION_BUCKETS") {
-            Some(v) => parse_buckets(&v)?,
-            None => DEFAULT_DURATION_BUCKETS.to_vec(),
-        };
-
-        let flow_runs_max_age = match get("EXPORTER_FLOW_RUNS_MAX_AGE") {
-            Some(v) => parse_max_age(&v)?,
-            None => Duration::from_secs(DEFAULT_FLOW_RUNS_MAX_AGE_SECS),
-        };
-
         for (name, instead) in REMOVED_SETTINGS {
             if get(name).is_some() {
-                warnings.push(format!("{name} is no longer read, and ignored: {instead}"));
+                config
+                    .warnings
+                    .push(format!("{name} is no longer read, and ignored: {instead}"));
             }
         }
-
-        Ok(Config {
-            api_url,
-            auth,
-            request_timeout,
-            max_retries,
-            custom_headers,
-            ssl_cert_file,
-            ssl_cert_var,
-            tls_insecure_skip_verify,
-            csrf_enabled,
-            proxy,
-            profile: None,
-            address,
-            port,
-            interval,
-            log_level,
-            check_deployments,
-            collectors,
-            lookback,
-            max_deployments,
-            max_listed_runs,
-            events_settle,
-            duration_buckets,
-            flow_runs_max_age,
-            warnings,
-        })
+        Ok(config)
     }
 }
 
 /// What start-up logs print: every setting, secrets as `***`.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let auth = match self.auth {
-            Auth::None => "none",
-            Auth::Basic(_) => "basic ***",
-            Auth::Bearer(_) => "bearer ***",
-        };
-        let address = self
-            .address
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "all interfaces".into());
-        let headers: Vec<String> = self
-            .custom_headers
-            .iter()
-            .map(|(k, _)| format!("{k}: ***"))
-            .collect();
-        write!(
-            f,
-            "api_url={} auth={} request_timeout={}s max_retries={} custom_headers=[{}] \
-             ca_file={} tls_skip_verify={} csrf={} proxy={} profile={} address={} port={} \
-             interval={}s log_level={} check_deployments=[{}] collectors=[{}] lookback={}s \
-             max_deployments={} max_listed_runs={} events_settle={}s duration_buckets=[{}] \
-             flow_runs_max_age={}s",
-            self.api_url,
-            auth,
-            self.request_timeout.as_secs_f64(),
-            self.max_retries,
-            headers.join(", "),
-            self.ssl_cert_file
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "built-in".into()),
-            self.tls_insecure_skip_verify,
-            self.csrf_enabled,
-            self.proxy
-                .as_ref()
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "none".into()),
-            self.profile.as_deref().unwrap_or("none"),
-            address,
-            self.port,
-            self.interval.as_secs(),
-            self.log_level,
-            self.check_deployments.join(","),
-            self.collectors.names().join(","),
-            self.lookback.as_secs(),
-            self.max_deployments,
-            self.max_listed_runs,
-            self.events_settle.as_secs(),
-            self.duration_buckets
-                .iter()
-                .map(f64::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-            self.flow_runs_max_age.as_secs(),
-        )
+        let mut sep = "";
+        for (key, show) in SETTINGS.iter().filter_map(|s| s.shown) {
+            write!(f, "{sep}{key}={}", show(self))?;
+            sep = " ";
+        }
+        Ok(())
     }
 }
 
@@ -583,12 +749,12 @@ mod tests {
     #[test]
     fn defaults() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.api_url, DEFAULT_API_URL);
+        assert_eq!(c.api_url, "http://127.0.0.1:4200/api");
         assert!(c.auth == Auth::None);
         assert_eq!(c.port, 8080);
         assert_eq!(c.interval, Duration::from_secs(30));
         assert_eq!(c.request_timeout, Duration::from_secs(30));
-        assert_eq!(c.log_level, LevelFilter::Info);
+        assert_eq!(c.log_level.0, LevelFilter::Info);
         assert!(c.check_deployments.is_empty());
         assert!(c.address.is_none());
         assert_eq!(c.max_retries, 5);
@@ -597,7 +763,82 @@ mod tests {
         assert_eq!(c.lookback, Duration::from_secs(7 * 86_400));
         assert_eq!(c.max_deployments, 1000);
         assert_eq!(c.events_settle, Duration::from_secs(30));
-        assert_eq!(c.duration_buckets, DEFAULT_DURATION_BUCKETS);
+        assert_eq!(
+            c.duration_buckets,
+            [
+                1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+                86400.0
+            ]
+        );
+    }
+
+    /// The page users read is this table: same rows, same order, same words. On a
+    /// difference the message holds the table to paste into the page.
+    #[test]
+    fn docs_settings_md_is_the_table() {
+        let docs = include_str!("../../docs/settings.md");
+        let mut table = String::from("| variable | default | meaning |\n|---|---|---|\n");
+        for s in SETTINGS {
+            let names: Vec<String> = s.names().map(|n| format!("`{n}`")).collect();
+            let default = match s.read {
+                Read::Value(_) => format!("`{}`", s.default),
+                _ => s.default.to_string(),
+            };
+            table.push_str(&format!(
+                "| {} | {default} | {} |\n",
+                names.join(" / "),
+                s.meaning
+            ));
+        }
+        assert!(
+            docs.contains(&table),
+            "docs/settings.md and SETTINGS differ; the page's table should read:\n\n{table}"
+        );
+        for (name, _) in REMOVED_SETTINGS {
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} is not in the page"
+            );
+        }
+    }
+
+    /// A value few settings accept: each refuses it naming itself (a secret
+    /// without showing it), or (the paths, the lists) takes it.
+    #[test]
+    fn each_setting_reports_its_own_bad_values_and_hides_secrets() {
+        let bad = "s3cr3t\u{1}";
+        for s in SETTINGS {
+            for name in s.names() {
+                match parse(&[(name, bad)]) {
+                    Err(ConfigError::Invalid { var, value, .. }) => {
+                        assert_eq!(var, name);
+                        assert_eq!(value == "***", s.secret, "{name}: {value}");
+                    }
+                    Err(e) => panic!("{name}: {e}"),
+                    Ok(_) => assert!(!s.secret, "{name} took {bad:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn profile_keys_are_prefect_client_settings() {
+        // Prefect's client settings are PREFECT_API_* and PREFECT_CLIENT_*; the
+        // profile choice (PREFECT_HOME, ...) cannot come from a profile.
+        for s in SETTINGS {
+            let client = ["PREFECT_API_", "PREFECT_CLIENT_"]
+                .iter()
+                .any(|p| s.name.starts_with(p));
+            assert_eq!(s.profile, client, "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn plain_text_of_markdown() {
+        assert_eq!(
+            plain("see **Proxies** under [Self-hosted](connecting.md#x) (`0`: off)."),
+            "see Proxies under Self-hosted in docs/connecting.md (0: off)."
+        );
     }
 
     #[test]
@@ -902,7 +1143,7 @@ mod tests {
             ("error", LevelFilter::Error),
             ("OFF", LevelFilter::Off),
         ] {
-            assert_eq!(parse(&[("LOG_LEVEL", v)]).unwrap().log_level, l, "{v}");
+            assert_eq!(parse(&[("LOG_LEVEL", v)]).unwrap().log_level.0, l, "{v}");
         }
     }
 
