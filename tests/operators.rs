@@ -119,6 +119,7 @@ fn operator_series_equal_the_seeded_server() {
         m.len()
     );
 
+    assert_eq!(m["prefect_deployments_capped"], 0.0);
     // Late-run summary: the exact total, all listed, no cap hit.
     let late_total = support::sum_names(&expected.by_state, &["Late"]) as f64;
     assert_eq!(m["prefect_late_flow_runs"], late_total);
@@ -360,6 +361,7 @@ fn groups_label_deployments_without_the_deployments_group() {
         ("EXPORTER_MAX_DEPLOYMENTS", "1"),
     ]);
     let m = exp.wait_for(|m| groups_ok(m, GROUPS), WAIT);
+    assert_eq!(m["prefect_deployments_capped"], 1.0);
     let active = family(&m, "prefect_deployment_active_flow_runs");
     assert_eq!(active.len(), 2, "{active:?}");
     assert!(active

@@ -263,7 +263,7 @@ pub fn collect(
     update_last_runs(client, settings, state, deadline)?;
 
     let items = build_items(&listed, &state.flow_names, &state.last_runs, late);
-    let mut families = families(flows, total, &items);
+    let mut families = families(flows, total, capped, &items);
     families.extend(
         state.durations.families(
             items
@@ -290,7 +290,7 @@ pub fn collect(
     Ok((families, items))
 }
 
-fn families(flows: u64, deployments: u64, items: &[DeploymentSeries]) -> Vec<Family> {
+fn families(flows: u64, deployments: u64, capped: bool, items: &[DeploymentSeries]) -> Vec<Family> {
     let mut info = Family::gauge(
         "prefect_deployment_info",
         "One series per deployment (at most EXPORTER_MAX_DEPLOYMENTS); always 1.",
@@ -322,6 +322,12 @@ fn families(flows: u64, deployments: u64, items: &[DeploymentSeries]) -> Vec<Fam
             "prefect_deployments",
             "Deployments known to Prefect.",
             deployments as f64,
+        ),
+        Family::single(
+            "prefect_deployments_capped",
+            "1 when EXPORTER_MAX_DEPLOYMENTS cut the per-deployment series: the oldest \
+             deployments beyond it have none.",
+            f64::from(u8::from(capped)),
         ),
         info,
         last_run,
