@@ -194,3 +194,18 @@ pub fn poll<T>(
         thread::sleep(every);
     }
 }
+
+/// Every metric family the exporter can show, with its type, from the golden
+/// render (`tests/fixtures/golden/metrics.prom`): the one list of families
+/// outside `src/`, which the end-to-end lint, the dashboard check and
+/// docs/metrics.md are checked against.
+pub fn golden_families() -> Vec<(String, String)> {
+    let path = project_root().join("tests/fixtures/golden/metrics.prom");
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| (name.to_string(), kind.to_string()))
+        .collect()
+}
