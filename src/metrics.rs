@@ -75,7 +75,11 @@ struct Own {
 
 // Metric definitions are static and valid: a failure here is a programming error
 // caught by the first test, never an input from outside.
-fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    c: prometheus::Result<C>,
+) -> C {
+    let c = c.expect("valid metric definition");
     registry
         .register(Box::new(c.clone()))
         .expect("metric registered once");
@@ -84,18 +88,16 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 
 impl Own {
     fn new(r: &Registry) -> Own {
-        let opts = Opts::new;
-        let labelled = |name, help, label| IntGaugeVec::new(opts(name, help), &[label]);
+        let vec = |name, help| Opts::new(name, help);
         let build_info = register(
             r,
             IntGaugeVec::new(
-                opts(
+                vec(
                     "prefect_exporter_build_info",
                     "Version and source revision of the running exporter; always 1.",
                 ),
                 &["version", "revision"],
-            )
-            .expect("valid metric definition"),
+            ),
         );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("PREFECT_EXPORTER_REVISION")])
@@ -106,72 +108,66 @@ impl Own {
                 IntCounter::new(
                     "prefect_exporter_collect_errors_total",
                     "Collections in which at least one request to Prefect failed.",
-                )
-                .expect("valid metric definition"),
+                ),
             ),
             up: register(
                 r,
                 IntGauge::new(
                     "prefect_up",
                     "1 when the last collection from the Prefect API succeeded, else 0.",
-                )
-                .expect("valid metric definition"),
+                ),
             ),
             last_success: register(
                 r,
                 Gauge::new(
                     "prefect_exporter_last_success_timestamp_seconds",
                     "Unix time of the end of the last successful collection.",
-                )
-                .expect("valid metric definition"),
+                ),
             ),
             collect_duration: register(
                 r,
                 Gauge::new(
                     "prefect_exporter_collect_duration_seconds",
                     "Wall time of the last collection, in seconds.",
-                )
-                .expect("valid metric definition"),
+                ),
             ),
             collections: register(
                 r,
                 IntCounter::new(
                     "prefect_exporter_collections_total",
                     "Collections run since the exporter started.",
-                )
-                .expect("valid metric definition"),
+                ),
             ),
             collector_success: register(
                 r,
-                labelled(
-                    "prefect_exporter_collector_success",
-                    "1 when the collect group succeeded in the last collection, else 0.",
-                    "collector",
-                )
-                .expect("valid metric definition"),
+                IntGaugeVec::new(
+                    vec(
+                        "prefect_exporter_collector_success",
+                        "1 when the collect group succeeded in the last collection, else 0.",
+                    ),
+                    &["collector"],
+                ),
             ),
             collector_duration: register(
                 r,
                 GaugeVec::new(
-                    opts(
+                    vec(
                         "prefect_exporter_collector_duration_seconds",
                         "Wall time of the collect group in the last collection, in seconds.",
                     ),
                     &["collector"],
-                )
-                .expect("valid metric definition"),
+                ),
             ),
             api_requests: register(
                 r,
                 IntCounterVec::new(
-                    opts(
+                    vec(
                         "prefect_exporter_api_requests_total",
                         "Requests sent to the Prefect API, retries included, by HTTP status \
                          (code=\"none\": no answer, e.g. timeout or refused connection).",
                     ),
                     &["code"],
-                )
-                .expect("valid metric definition"),
+                ),
             ),
         }
     }
