@@ -1,8 +1,9 @@
-//! Shared integration-test harness, used by every `tests/*.rs` through `mod support;`.
+//! Shared integration-test harness of the one test binary (tests/it/main.rs): every
+//! module of tests/it/ names it as `crate::support`.
 //!
 //! - [`PrefectServer`]: a real Prefect 3 server (project venv, free loopback port,
 //!   temporary `PREFECT_HOME` copied from a migrated template database), always
-//!   stopped: by `Drop`, by an `atexit` hook for the per-binary shared server, and by
+//!   stopped: by `Drop`, by an `atexit` hook for the shared server, and by
 //!   a shell watchdog when the test process dies without running either.
 //! - [`Api`]: a small REST client to seed flows, deployments, work pools and runs;
 //!   [`seed_standard`] creates the standard data set and returns [`Expected`].
@@ -18,7 +19,7 @@
 //! `common.rs` (signals, child processes, paths, temp folders, ports, polling),
 //! `ops.rs` (work queues, runs in progress and concurrency limits for the operator
 //! groups), `events.rs` (the server's event count, a real SDK flow run).
-//! The counting pass-through proxy lives with its only user, tests/request_cost.rs.
+//! The counting pass-through proxy lives with its only user, tests/it/request_cost.rs.
 //!
 //! Real-server tests start with `support::require_prefect!();`: outside CI a missing
 //! venv (and a failed install) skips the test with a message; under `CI=true` it panics.

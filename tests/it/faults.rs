@@ -11,7 +11,7 @@
 //! scraped during the outage; /readyz is 200 even when the first collection
 //! failed); when the fault ends, the next collection restores correct values and
 //! `prefect_up` 1.
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! memory must come back after the attack, running out of file descriptors must
 //! not stop the exporter, and keep-alive scrapes must not pay a Nagle stall.
 //! No Prefect needed: a stub keeps the exporter's data realistic.
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

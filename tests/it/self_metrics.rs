@@ -3,7 +3,7 @@
 //! value, `promtool check metrics` finds nothing but the five `_total` gauges the
 //! specification imposes, /healthz and /readyz answer, HEAD matches GET; the
 //! `process_*` series follow the exporter's process.
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -7,7 +7,7 @@
 //! Against a real Prefect server: CSRF protection on; a profiles file with the URL
 //! and auth string and nothing in the environment; the environment over the
 //! profile. The rest is played by the harness stub, which records every request.
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

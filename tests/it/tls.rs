@@ -4,7 +4,7 @@
 //! TLS error in its log; with PREFECT_API_SSL_CERT_FILE (or SSL_CERT_FILE) it
 //! gives the right values; with PREFECT_API_TLS_INSECURE_SKIP_VERIFY=true it works
 //! and logs a warning.
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};

@@ -1,7 +1,7 @@
 //! Issue 13: work queues, runs in progress, concurrency limits and the late-run
 //! summary, checked against the shared seeded REAL Prefect server
-//! (tests/support/ops.rs seeds them): every new series equals what was created.
-mod support;
+//! (tests/it/support/ops.rs seeds them): every new series equals what was created.
+use crate::support;
 
 use prefect_exporter::rfc3339;
 

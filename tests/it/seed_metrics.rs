@@ -1,5 +1,5 @@
 //! Issue 2: the six specified metrics, right, from a REAL Prefect server.
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;

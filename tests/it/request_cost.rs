@@ -10,7 +10,7 @@
 //! expected after the newest one listed),
 //! the listing is sent once, and past the listing cap
 //! (EXPORTER_MAX_LISTED_RUNS) it stops at the cap, and says so.
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 
@@ -400,7 +400,7 @@ fn steady_state_requests_do_not_grow_with_history() {
     support::require_prefect!();
     // No event persister here: with it, bulk creation on SQLite fails now and
     // then with "database is locked". The count of events is one request per
-    // family whatever it finds (tests/state_changes.rs counts real events).
+    // family whatever it finds (tests/it/state_changes.rs counts real events).
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");

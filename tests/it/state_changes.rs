@@ -1,7 +1,7 @@
 //! Issue 14: state-change counters from Prefect's events and the duration and
 //! start-delay histograms, against REAL Prefect servers (an SDK flow from the
 //! test venv for the task-run events).
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 

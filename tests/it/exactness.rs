@@ -7,7 +7,7 @@
 //! - runs enter a custom state name under a second state type: each (type,
 //!   name) pair on its own;
 //! - a run goes Pending -> Running -> Pending (forced): its new entry time.
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 

@@ -7,7 +7,7 @@
 //! a missing podman included, is a failure: image.sh installs podman when it can),
 //! and elsewhere when podman is installed; `PREFECT_EXPORTER_CONTAINER_TEST=0` skips.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

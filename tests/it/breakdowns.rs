@@ -1,7 +1,7 @@
 //! Issue 5: the breakdown series, checked against a REAL Prefect server.
 //! Read-only checks use the shared seeded server; everything that changes data
 //! runs on a server of its own.
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 

@@ -16,7 +16,7 @@
 //! where it fails. Prometheus and the exporter are stopped, and Prometheus's temporary
 //! directory removed, also when a test fails (Drop guards; the harness's watchdog
 //! covers a killed test process).
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

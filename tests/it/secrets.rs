@@ -1,7 +1,7 @@
 //! Issue 4: secrets (auth string, API key, custom header values) never appear
 //! in the exporter's output at any log level, TRACE included, nor on any HTTP
 //! answer, through success, failure (server stopped) and refusal (401).
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
