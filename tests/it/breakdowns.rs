@@ -242,6 +242,9 @@ fn breakdowns_equal_the_seeded_server() {
 #[test]
 fn breakdowns_follow_changes_between_collections() {
     support::require_prefect!();
+    // Private: it adds, ends and deletes runs, deployments and pools, and asserts
+    // server-wide counts (per-state totals, deployments, pools) that the shared
+    // server's tests count too.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let etl = api.create_flow("etl");
@@ -361,6 +364,8 @@ fn breakdowns_follow_changes_between_collections() {
 #[test]
 fn per_state_counts_are_reused_with_their_age() {
     support::require_prefect!();
+    // Private: it adds runs mid-test and asserts server-wide per-state counts and
+    // the success total.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let etl = api.create_flow("etl");

@@ -23,7 +23,10 @@ type Metrics = HashMap<String, f64>;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One server for the tests of this file; each test uses its own flow,
-/// deployments and state names, so they run side by side. Statics are never
+/// deployments and state names, so they run side by side. Not the shared one:
+/// they add (late, custom-named, active) runs and assert server-wide counts
+/// (late runs, the per-state sum equal to the total) that the shared server's
+/// tests count too. Statics are never
 /// dropped: the harness's watchdog stops it when the test process exits.
 fn server() -> &'static PrefectServer {
     static SERVER: OnceLock<PrefectServer> = OnceLock::new();

@@ -713,6 +713,8 @@ fn run_histogram_panels_have_data() {
         .collect();
     assert!(queries.len() >= 3, "histogram panels: {queries:?}");
 
+    // Private: runs end while Prometheus scrapes, which would change the flow-run
+    // totals the shared server's tests count.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");

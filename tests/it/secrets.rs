@@ -80,6 +80,7 @@ fn assert_clean(what: &str, text: &str, auth: &str) {
 fn secrets_never_leak_at_trace_level() {
     support::require_prefect!();
     let auth = format!("exporter:{PASSWORD}");
+    // Private: basic auth is a server setting.
     let server = PrefectServer::start(ServerOptions {
         auth_string: Some(auth.clone()),
         ..Default::default()

@@ -86,6 +86,7 @@ fn missing_deployments_is_zero_without_a_list() {
 #[test]
 fn auth_server_values_errors_then_state_changes() {
     support::require_prefect!();
+    // Private: basic auth is a server setting, and part (2) changes the totals.
     let server = PrefectServer::start(ServerOptions {
         auth_string: Some("admin:s3cret-pass".into()),
         ..Default::default()

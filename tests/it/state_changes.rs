@@ -74,6 +74,8 @@ fn wait_failed_collection(exp: &Exporter) {
 #[test]
 fn every_transition_is_counted_once_across_failed_collections() {
     support::require_prefect!();
+    // Private: the event persister runs (events are counted server-wide), and
+    // the server is frozen for the failed collections.
     let server = PrefectServer::start(ServerOptions {
         events: true,
         ..Default::default()
@@ -245,6 +247,8 @@ fn secs(v: &Value, field: &str) -> f64 {
 #[test]
 fn finished_runs_land_in_their_buckets_once() {
     support::require_prefect!();
+    // Private: runs end under the exporter's eyes, which would change the
+    // flow-run totals the shared server's tests count.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");
