@@ -16,8 +16,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
+use prefect_exporter::rfc3339;
 use serde_json::json;
 use support::{
     run_exporter_once, Exporter, Mode, PrefectServer, Request, Response, ServerOptions, Stub,
@@ -34,11 +35,6 @@ const USER_AGENT: &str = concat!("prefect-exporter/", env!("CARGO_PKG_VERSION"))
 
 fn handler(f: impl Fn(&Request) -> Response + Send + Sync + 'static) -> Mode {
     Mode::Handler(Arc::new(f))
-}
-
-/// Waits for the first collection (successful or not) and returns its scrape.
-fn first_collection(exp: &Exporter) -> HashMap<String, f64> {
-    exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 1.0), WAIT)
 }
 
 fn assert_stub_values(m: &HashMap<String, f64>, data: &StubData, exp: &Exporter) {
@@ -157,7 +153,7 @@ fn a_cloud_style_workspace_url_with_an_api_key_works() {
         ("PREFECT_API_KEY", "pnu_cloudkey"),
         ("EXPORTER_INTERVAL", "5"),
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_stub_values(&m, &data, &exp);
     assert!(
         !m.keys().any(|k| k.starts_with("prefect_server_info")),
@@ -176,7 +172,7 @@ fn auth_string_arrives_as_basic_and_wins_over_the_key() {
         ("PREFECT_API_KEY", "pnu_unused"),
         ("PREFECT_API_AUTH_STRING", "admin:s3cret:with-colon"),
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_stub_values(&m, &data, &exp);
     let want = format!("Basic {}", support::base64(b"admin:s3cret:with-colon"));
     for r in stub.requests() {
@@ -208,7 +204,7 @@ fn custom_headers_arrive_but_cannot_replace_auth_or_user_agent() {
         ("PREFECT_API_KEY", "pnu_good"),
         ("PREFECT_CLIENT_CUSTOM_HEADERS", &headers),
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_stub_values(&m, &data, &exp);
     for r in stub.requests() {
         assert_eq!(r.header("x-team"), Some("data-platform"), "{}", r.path);
@@ -288,7 +284,7 @@ fn assert_retried_within_one_collection(
     data: &StubData,
     at_least: Duration,
 ) {
-    let m = first_collection(exp);
+    let m = exp.first_collection(WAIT);
     assert_eq!(m[COLLECTIONS], 1.0, "one collection so far");
     assert_stub_values(&m, data, exp);
     assert_eq!(m.get("prefect_up").copied(), Some(1.0));
@@ -356,7 +352,7 @@ fn bad_gateway_and_unavailable_are_retried_with_backoff() {
         );
         // The exporter counts every attempt by status: the two refusals among
         // all that the stub received, and no 4xx (POSTs need no CSRF token here).
-        let m = first_collection(&exp);
+        let m = exp.first_collection(WAIT);
         let sent = |code: &str| {
             m.get(&format!(
                 "prefect_exporter_api_requests_total{{code=\"{code}\"}}"
@@ -390,7 +386,7 @@ fn max_retries_zero_fails_at_once() {
         ("EXPORTER_INTERVAL", "5"),
         ("PREFECT_CLIENT_MAX_RETRIES", "0"),
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_eq!(m[ERRORS], 1.0, "{}", exp.stderr());
     // The refused count was not sent again.
     let counts = count_requests(&stub);
@@ -500,30 +496,6 @@ fn a_retry_after_longer_than_the_time_left_stops_retrying_at_once() {
 // CSRF
 // ---------------------------------------------------------------------------
 
-/// RFC 3339 in UTC, as Prefect writes its timestamps.
-fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
-}
-
 /// A CSRF-protected stub: tokens live `lifetime` on the stub's clock, which runs
 /// `skew` behind the exporter's; POSTs need a live token of their client.
 struct CsrfStub {
@@ -556,7 +528,7 @@ fn csrf_stub(lifetime: Duration, skew: Duration) -> CsrfStub {
             tokens.insert(client.clone(), (token.clone(), Instant::now() + lifetime));
             return Response::json(
                 200,
-                &json!({"token": token, "client": client, "expiration": rfc3339(server_now + lifetime)}),
+                &json!({"token": token, "client": client, "expiration": rfc3339::format(rfc3339::unix(server_now + lifetime))}),
             )
             .with_header("Date", &httpdate::fmt_http_date(server_now));
         }
@@ -629,7 +601,7 @@ fn a_refused_csrf_token_is_fetched_again_within_the_collection() {
     let cs = csrf_stub(Duration::from_secs(3600), Duration::ZERO);
     let url = cs.stub.api_url();
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("EXPORTER_INTERVAL", "1")]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_stub_values(&m, &cs.data, &exp);
     assert_eq!(cs.fetches.load(Ordering::SeqCst), 1);
     // The server forgets its tokens (restart): the next POST is refused once, a
@@ -812,7 +784,7 @@ fn proxies_from_the_environment_are_used_as_other_clients_use_them() {
     for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY"] {
         let before = proxy.seen().len();
         let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), (var, &proxy_url)]);
-        let m = first_collection(&exp);
+        let m = exp.first_collection(WAIT);
         assert_stub_values(&m, &data, &exp);
         let seen = proxy.seen();
         assert!(
@@ -845,7 +817,7 @@ fn proxies_from_the_environment_are_used_as_other_clients_use_them() {
         let mut envs = vec![("PREFECT_API_URL", url.as_str())];
         envs.extend_from_slice(&extra);
         let exp = Exporter::spawn(&envs);
-        let m = first_collection(&exp);
+        let m = exp.first_collection(WAIT);
         assert_stub_values(&m, &data, &exp);
         assert_eq!(proxy.seen().len(), before, "{extra:?}: the proxy was used");
         assert!(exp.stderr().contains("proxy=none"), "{}", exp.stderr());
@@ -860,7 +832,7 @@ fn a_proxy_with_credentials_gets_them_and_the_log_does_not() {
     let proxy = ConnectProxy::start();
     let proxy_url = format!("http://puser:ppass77@{}", proxy.addr);
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("HTTP_PROXY", &proxy_url)]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_stub_values(&m, &data, &exp);
     assert!(!proxy.seen().is_empty());
     let log = exp.stderr();
@@ -945,7 +917,7 @@ fn unusable_profiles_stop_the_start_naming_the_file() {
 fn real_server_with_csrf_protection_gives_correct_values() {
     support::require_prefect!();
     // Private: CSRF protection is a server setting. Tokens expire after 4 s: over
-    // 8 collections (16 s) the exporter renews several.
+    // 8 collections (24 s) the exporter renews several.
     let server = PrefectServer::start(ServerOptions {
         csrf: true,
         extra_env: vec![("PREFECT_SERVER_CSRF_TOKEN_EXPIRATION".into(), "PT4S".into())],
@@ -970,12 +942,14 @@ fn real_server_with_csrf_protection_gives_correct_values() {
         ("PREFECT_API_URL", &url),
         ("EXPORTER_CHECK_DEPLOYMENTS", "flow-a,flow-b,flow-nope"),
         ("LOG_LEVEL", "debug"),
-        // Room for every collect group on a loaded test machine.
-        ("EXPORTER_INTERVAL", "2"),
+        // Room for every collect group on a loaded test machine (the interval
+        // is each collection's deadline; 2 s was missed once with the tests of
+        // the one binary running side by side).
+        ("EXPORTER_INTERVAL", "3"),
     ]);
     let m = exp.wait_for(
         |m| m.get(COLLECTIONS).is_some_and(|v| *v >= 8.0),
-        Duration::from_secs(40),
+        Duration::from_secs(60),
     );
     for (name, want) in expected.seed_gauges(&["flow-a", "flow-b", "flow-nope"]) {
         assert_eq!(m.get(name).copied(), Some(want), "{name}\n{}", exp.stderr());
@@ -1056,7 +1030,7 @@ fn real_server_settings_from_a_profile_and_the_environment_over_it() {
     // Every collection fails: the error counter equals the collection counter
     // (both are published together by each collection). Not `== 1`: at the 1 s
     // interval a second failed collection may be counted before this scrape.
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert!(m[ERRORS] >= 1.0, "{}", exp.stderr());
     assert_eq!(m[ERRORS], m[COLLECTIONS], "{}", exp.stderr());
     assert_eq!(m.get("prefect_up"), Some(&0.0), "{}", exp.stderr());

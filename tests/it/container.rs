@@ -12,7 +12,7 @@ use crate::support;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{is_ci, parse_metrics, poll, project_root, PrefectServer};
+use support::{have, is_ci, parse_metrics, poll, project_root, PrefectServer};
 
 /// Writes straight to the process's stderr: unlike `eprintln!`, libtest does not
 /// capture it, so a skip or warning is visible in a normal `cargo test` run.
@@ -33,13 +33,6 @@ const MAX_IMAGE_BYTES: u64 = 4_000_000;
 /// afresh on the same socket, and issue 23's proofs of the late runs and runs
 /// in progress), with no new dependency.
 const MAX_BINARY_BYTES: u64 = 3_650_000;
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 /// `scripts/podman.sh ARGS`: podman with this machine's flags (cgroupfs, runc, ulimits).
 fn podman(args: &[&str]) -> Output {
@@ -114,12 +107,17 @@ fn image_serves_seed_metrics_and_stops_on_sigterm() {
 
     // 1. Build the image (and the static binary when dist/ is missing or stale).
     let started = Instant::now();
-    let build = Command::new("bash")
-        .arg("-c")
+    // The build (a static release binary when dist/ is stale) takes both cores
+    // for a minute or more: at the lowest priority, it takes only what the tests
+    // running beside it leave.
+    let loading = support::loading();
+    let build = Command::new("nice")
+        .args(["-n", "19", "bash", "-c"])
         .arg("scripts/image.sh 2>&1")
         .current_dir(project_root())
         .output()
         .expect("run scripts/image.sh");
+    drop(loading);
     let build_out = text(&build);
     assert!(
         build.status.success(),

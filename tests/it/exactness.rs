@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{Api, Exporter, PrefectServer, ServerOptions};
+use support::{all_groups_ok, collections, series, Api, Exporter, PrefectServer, ServerOptions};
 
 type Metrics = HashMap<String, f64>;
 
@@ -31,30 +31,6 @@ const WAIT: Duration = Duration::from_secs(60);
 fn server() -> &'static PrefectServer {
     static SERVER: OnceLock<PrefectServer> = OnceLock::new();
     SERVER.get_or_init(|| PrefectServer::start(ServerOptions::default()))
-}
-
-/// `name{a="x",b="y"}` with the labels sorted as the exporter prints them.
-fn series(name: &str, labels: &[(&str, &str)]) -> String {
-    let mut labels = labels.to_vec();
-    labels.sort();
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    format!("{name}{{{}}}", inner.join(","))
-}
-
-fn collections(m: &Metrics) -> f64 {
-    m.get("prefect_exporter_collections_total")
-        .copied()
-        .unwrap_or(0.0)
-}
-
-fn all_groups_ok(m: &Metrics) -> bool {
-    let prefix = "prefect_exporter_collector_success{";
-    let groups: Vec<f64> = m
-        .iter()
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(_, v)| *v)
-        .collect();
-    !groups.is_empty() && groups.iter().all(|v| *v == 1.0)
 }
 
 fn spawn(extra: &[(&str, &str)]) -> Exporter {

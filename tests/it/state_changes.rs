@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::events::{run_sdk_flow, sdk_flow_changes};
-use support::{Api, Exporter, PrefectServer, ServerOptions, Stub};
+use support::{collections, Api, Exporter, PrefectServer, ServerOptions, Stub};
 
 type Metrics = HashMap<String, f64>;
 type Counts = BTreeMap<String, u64>;
@@ -33,12 +33,6 @@ fn add(into: &mut Counts, from: &Counts) {
     for (k, v) in from {
         *into.entry(k.clone()).or_default() += v;
     }
-}
-
-fn collections(m: &Metrics) -> f64 {
-    m.get("prefect_exporter_collections_total")
-        .copied()
-        .unwrap_or(0.0)
 }
 
 fn errors(m: &Metrics) -> f64 {

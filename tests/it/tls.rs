@@ -24,7 +24,6 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use support::{run_exporter_once, Exporter, PrefectServer, TempDir};
 
 const ERRORS: &str = "prefect_exporter_collect_errors_total";
-const COLLECTIONS: &str = "prefect_exporter_collections_total";
 const WAIT: Duration = Duration::from_secs(30);
 /// Debug builds make TLS handshakes slow, and tests run side by side on few
 /// cores: a wider collection deadline than the default 1 s of the harness.
@@ -216,10 +215,6 @@ fn assert_correct_values(m: &HashMap<String, f64>, exp: &Exporter) {
     assert_eq!(m.get("prefect_up").copied(), Some(1.0));
 }
 
-fn first_collection(exp: &Exporter) -> HashMap<String, f64> {
-    exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 1.0), WAIT)
-}
-
 fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
@@ -230,7 +225,7 @@ fn without_the_ca_the_certificate_is_refused_and_the_log_says_so() {
     let (_pki, proxy) = tls_in_front_of_prefect(&["localhost", "127.0.0.1"]);
     let url = proxy.api_url("127.0.0.1");
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), INTERVAL]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert!(m[ERRORS] >= 1.0, "{}", exp.stderr());
     assert_eq!(m.get("prefect_up").copied(), Some(0.0));
     assert!(!m.contains_key("prefect_flow_runs_total"));
@@ -263,7 +258,7 @@ fn with_the_ca_file_it_gives_the_right_values() {
     ] {
         let url = proxy.api_url(host);
         let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), (var, &ca), INTERVAL]);
-        let m = first_collection(&exp);
+        let m = exp.first_collection(WAIT);
         assert_correct_values(&m, &exp);
         assert!(
             exp.stderr().contains(&format!("ca_file={ca}")),
@@ -284,7 +279,7 @@ fn a_certificate_for_another_name_is_refused_even_with_the_ca() {
         ("PREFECT_API_URL", &url),
         ("PREFECT_API_SSL_CERT_FILE", &ca),
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert!(m[ERRORS] >= 1.0);
     let log = exp.stderr();
     assert!(
@@ -303,7 +298,7 @@ fn skip_verify_works_and_logs_a_warning() {
         ("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "true"),
         INTERVAL,
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_correct_values(&m, &exp);
     let log = exp.stderr();
     let warning = log

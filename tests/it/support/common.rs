@@ -194,3 +194,44 @@ pub fn poll<T>(
         thread::sleep(every);
     }
 }
+
+/// Raises this test process's soft descriptor limit to its hard limit (for the
+/// tests that hold a thousand connections), once; asserts room for 2,500.
+/// Every process the tests start afterwards inherits it, the exporter too.
+pub fn raise_descriptor_limit() {
+    static RAISED: OnceLock<u64> = OnceLock::new();
+    let limit = *RAISED.get_or_init(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write `limit` only.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit.rlim_cur = limit.rlim_max;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+        limit.rlim_cur
+    });
+    assert!(limit >= 2500, "descriptor limit {limit}");
+}
+
+/// Tests that load both cores (the hostile-client attacks, the image build)
+/// and tests that bound latencies while they load them must not overlap: one's
+/// load would count against the other's bounds. The many tests that mostly wait
+/// on intervals run beside them (scripts/test.sh runs the binary on more threads
+/// than cores).
+static LOAD: RwLock<()> = RwLock::new(());
+
+/// Held for the whole of a test that loads both cores and bounds latencies
+/// meanwhile (every test of hostile_clients.rs): nothing else holding [`heavy`]
+/// or [`loading`] runs then.
+pub fn heavy() -> RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Held while a test loads both cores without bounding latencies (the image
+/// build): such loads may overlap each other, never a [`heavy`] test.
+pub fn loading() -> RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(|p| p.into_inner())
+}

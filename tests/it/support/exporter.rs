@@ -204,6 +204,11 @@ impl Exporter {
         }
     }
 
+    /// Waits for the first collection, successful or not, and returns its scrape.
+    pub fn first_collection(&self, timeout: Duration) -> HashMap<String, f64> {
+        self.wait_for(|m| collections(m) >= 1.0, timeout)
+    }
+
     pub fn signal(&self, sig: i32) -> bool {
         send_signal(self.child.id(), sig)
     }

@@ -16,7 +16,9 @@
 //! `prefect_server.rs` (the real server, `require_prefect!`), `api.rs` (the seeding
 //! REST `Api`, `seed_standard`, `Expected`), `exporter.rs` (the exporter process),
 //! `stub.rs` (the stub API), `http.rs` (HTTP requests and `/metrics` parsing),
-//! `common.rs` (signals, child processes, paths, temp folders, ports, polling),
+//! `common.rs` (signals, child processes, paths, temp folders, ports, polling, the
+//! descriptor limit, the lock of the heavy tests), `tools.rs` (promtool and other
+//! outside tools),
 //! `ops.rs` (work queues, runs in progress and concurrency limits for the operator
 //! groups), `events.rs` (the server's event count, a real SDK flow run).
 //! The counting pass-through proxy lives with its only user, tests/it/request_cost.rs.
@@ -32,7 +34,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +48,7 @@ mod exporter;
 mod http;
 mod prefect_server;
 mod stub;
+mod tools;
 
 pub mod events;
 pub mod ops;
@@ -61,3 +66,5 @@ pub use http::*;
 pub use prefect_server::*;
 #[allow(unused_imports)]
 pub use stub::*;
+#[allow(unused_imports)]
+pub use tools::*;
