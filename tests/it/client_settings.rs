@@ -37,23 +37,6 @@ fn handler(f: impl Fn(&Request) -> Response + Send + Sync + 'static) -> Mode {
     Mode::Handler(Arc::new(f))
 }
 
-fn assert_stub_values(m: &HashMap<String, f64>, data: &StubData, exp: &Exporter) {
-    for (name, want) in data.seed_gauges(&[]) {
-        assert_eq!(
-            m.get(name).copied(),
-            Some(want),
-            "{name}\nstderr:\n{}",
-            exp.stderr()
-        );
-    }
-    assert_eq!(
-        m.get(ERRORS).copied(),
-        Some(0.0),
-        "{ERRORS}\nstderr:\n{}",
-        exp.stderr()
-    );
-}
-
 /// The seed group's counts (the late-run count of the breakdown groups, issue
 /// 13, is another group's request).
 fn count_requests(stub: &Stub) -> Vec<Request> {
@@ -77,7 +60,7 @@ fn api_key_arrives_as_bearer_with_user_agent_and_json_posts() {
         ("PREFECT_API_KEY", "pnu_test_key_123"),
     ]);
     let m = exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 2.0), WAIT);
-    assert_stub_values(&m, &data, &exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     let reqs = stub.requests();
     assert!(reqs.iter().any(|r| r.method == "POST"));
     for r in &reqs {
@@ -154,7 +137,7 @@ fn a_cloud_style_workspace_url_with_an_api_key_works() {
         ("EXPORTER_INTERVAL", "5"),
     ]);
     let m = exp.first_collection(WAIT);
-    assert_stub_values(&m, &data, &exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     assert!(
         !m.keys().any(|k| k.starts_with("prefect_server_info")),
         "no version without an admin API"
@@ -173,7 +156,7 @@ fn auth_string_arrives_as_basic_and_wins_over_the_key() {
         ("PREFECT_API_AUTH_STRING", "admin:s3cret:with-colon"),
     ]);
     let m = exp.first_collection(WAIT);
-    assert_stub_values(&m, &data, &exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     let want = format!("Basic {}", support::base64(b"admin:s3cret:with-colon"));
     for r in stub.requests() {
         assert_eq!(r.header("authorization"), Some(want.as_str()), "{}", r.path);
@@ -205,7 +188,7 @@ fn custom_headers_arrive_but_cannot_replace_auth_or_user_agent() {
         ("PREFECT_CLIENT_CUSTOM_HEADERS", &headers),
     ]);
     let m = exp.first_collection(WAIT);
-    assert_stub_values(&m, &data, &exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     for r in stub.requests() {
         assert_eq!(r.header("x-team"), Some("data-platform"), "{}", r.path);
         assert_eq!(r.header("cf-access-client-id"), Some("abc.access"));
@@ -286,7 +269,7 @@ fn assert_retried_within_one_collection(
 ) {
     let m = exp.first_collection(WAIT);
     assert_eq!(m[COLLECTIONS], 1.0, "one collection so far");
-    assert_stub_values(&m, data, exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     assert_eq!(m.get("prefect_up").copied(), Some(1.0));
     let counts = count_requests(stub);
     assert!(counts.len() >= 2, "{counts:?}");
@@ -568,7 +551,7 @@ fn csrf_token_is_sent_and_renewed_before_it_expires_despite_clock_skew() {
     let url = cs.stub.api_url();
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("EXPORTER_INTERVAL", "1")]);
     let m = exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 8.0), WAIT);
-    assert_stub_values(&m, &cs.data, &exp);
+    exp.assert_gauges(&m, &cs.data.seed_gauges(&[]));
     // Only the first POST, sent without a token, which tells the exporter that
     // this server wants them.
     assert_eq!(
@@ -602,7 +585,7 @@ fn a_refused_csrf_token_is_fetched_again_within_the_collection() {
     let url = cs.stub.api_url();
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("EXPORTER_INTERVAL", "1")]);
     let m = exp.first_collection(WAIT);
-    assert_stub_values(&m, &cs.data, &exp);
+    exp.assert_gauges(&m, &cs.data.seed_gauges(&[]));
     assert_eq!(cs.fetches.load(Ordering::SeqCst), 1);
     // The server forgets its tokens (restart): the next POST is refused once, a
     // new token is fetched and the request repeated, and the collection succeeds.
@@ -649,7 +632,7 @@ fn a_broken_token_endpoint_is_asked_once_when_posts_work_without_a_token() {
     let url = stub.api_url();
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url)]);
     let m = exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 3.0), WAIT);
-    assert_stub_values(&m, &data, &exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     let asked = stub
         .requests()
         .iter()
@@ -668,7 +651,7 @@ fn csrf_support_can_be_turned_off() {
         ("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false"),
     ]);
     let m = exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 2.0), WAIT);
-    assert_stub_values(&m, &data, &exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     assert!(stub
         .requests()
         .iter()
@@ -785,7 +768,7 @@ fn proxies_from_the_environment_are_used_as_other_clients_use_them() {
         let before = proxy.seen().len();
         let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), (var, &proxy_url)]);
         let m = exp.first_collection(WAIT);
-        assert_stub_values(&m, &data, &exp);
+        exp.assert_gauges(&m, &data.seed_gauges(&[]));
         let seen = proxy.seen();
         assert!(
             seen.len() > before,
@@ -818,7 +801,7 @@ fn proxies_from_the_environment_are_used_as_other_clients_use_them() {
         envs.extend_from_slice(&extra);
         let exp = Exporter::spawn(&envs);
         let m = exp.first_collection(WAIT);
-        assert_stub_values(&m, &data, &exp);
+        exp.assert_gauges(&m, &data.seed_gauges(&[]));
         assert_eq!(proxy.seen().len(), before, "{extra:?}: the proxy was used");
         assert!(exp.stderr().contains("proxy=none"), "{}", exp.stderr());
     }
@@ -833,7 +816,7 @@ fn a_proxy_with_credentials_gets_them_and_the_log_does_not() {
     let proxy_url = format!("http://puser:ppass77@{}", proxy.addr);
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), ("HTTP_PROXY", &proxy_url)]);
     let m = exp.first_collection(WAIT);
-    assert_stub_values(&m, &data, &exp);
+    exp.assert_gauges(&m, &data.seed_gauges(&[]));
     assert!(!proxy.seen().is_empty());
     let log = exp.stderr();
     assert!(!log.contains("ppass77"), "{log}");
@@ -951,10 +934,10 @@ fn real_server_with_csrf_protection_gives_correct_values() {
         |m| m.get(COLLECTIONS).is_some_and(|v| *v >= 8.0),
         Duration::from_secs(60),
     );
-    for (name, want) in expected.seed_gauges(&["flow-a", "flow-b", "flow-nope"]) {
-        assert_eq!(m.get(name).copied(), Some(want), "{name}\n{}", exp.stderr());
-    }
-    assert_eq!(m[ERRORS], 0.0, "{}", exp.stderr());
+    exp.assert_gauges(
+        &m,
+        &expected.seed_gauges(&["flow-a", "flow-b", "flow-nope"]),
+    );
     let log = exp.stderr();
     assert!(log.contains("CSRF protection is on"), "{log}");
     assert!(
@@ -995,10 +978,7 @@ fn real_server_settings_from_a_profile_and_the_environment_over_it() {
     );
     let check = |exp: &Exporter| {
         let m = exp.wait_for(|m| m.get(TOTAL).is_some_and(|v| *v > 0.0), WAIT);
-        for (name, want) in expected.seed_gauges(&[]) {
-            assert_eq!(m.get(name).copied(), Some(want), "{name}\n{}", exp.stderr());
-        }
-        assert_eq!(m[ERRORS], 0.0, "{}", exp.stderr());
+        exp.assert_gauges(&m, &expected.seed_gauges(&[]));
         assert!(!exp.stderr().contains("pr0file-pass"), "{}", exp.stderr());
     };
 

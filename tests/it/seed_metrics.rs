@@ -25,21 +25,7 @@ const INTERVAL: (&str, &str) = ("EXPORTER_INTERVAL", "10");
 /// asserts the five gauges and a zero error counter, naming server vs. exporter.
 fn assert_seed_values(exp: &Exporter, expected: &Expected, check: &[&str]) -> HashMap<String, f64> {
     let m = exp.wait_for(|m| m.get(TOTAL).is_some_and(|v| *v > 0.0), WAIT);
-    for (name, want) in expected.seed_gauges(check) {
-        assert_eq!(
-            m.get(name).copied(),
-            Some(want),
-            "{name}: the server has {want}, the exporter shows {:?}\nstderr:\n{}",
-            m.get(name),
-            exp.stderr()
-        );
-    }
-    assert_eq!(
-        m.get(ERRORS).copied(),
-        Some(0.0),
-        "{ERRORS}\nstderr:\n{}",
-        exp.stderr()
-    );
+    exp.assert_gauges(&m, &expected.seed_gauges(check));
     m
 }
 

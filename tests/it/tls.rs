@@ -202,16 +202,7 @@ fn tls_in_front_of_prefect(names: &[&str]) -> (Pki, TlsProxy) {
 }
 
 fn assert_correct_values(m: &HashMap<String, f64>, exp: &Exporter) {
-    let expected = support::shared_expected();
-    for (name, want) in expected.seed_gauges(&[]) {
-        assert_eq!(
-            m.get(name).copied(),
-            Some(want),
-            "{name}\nstderr:\n{}",
-            exp.stderr()
-        );
-    }
-    assert_eq!(m.get(ERRORS).copied(), Some(0.0), "{}", exp.stderr());
+    exp.assert_gauges(m, &support::shared_expected().seed_gauges(&[]));
     assert_eq!(m.get("prefect_up").copied(), Some(1.0));
 }
 

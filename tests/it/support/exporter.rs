@@ -204,6 +204,27 @@ impl Exporter {
         }
     }
 
+    /// Asserts that the scrape `m` shows each of `gauges` (name, value; e.g.
+    /// `Expected::seed_gauges`) and no failed collection, naming this exporter's
+    /// log in a failure.
+    pub fn assert_gauges(&self, m: &HashMap<String, f64>, gauges: &[(&str, f64)]) {
+        for (name, want) in gauges {
+            assert_eq!(
+                m.get(*name),
+                Some(want),
+                "{name}: the server has {want}, the exporter shows {:?}\nstderr:\n{}",
+                m.get(*name),
+                self.stderr()
+            );
+        }
+        assert_eq!(
+            m.get("prefect_exporter_collect_errors_total"),
+            Some(&0.0),
+            "a collection failed\nstderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Waits for the first collection, successful or not, and returns its scrape.
     pub fn first_collection(&self, timeout: Duration) -> HashMap<String, f64> {
         self.wait_for(|m| collections(m) >= 1.0, timeout)
