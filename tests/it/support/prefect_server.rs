@@ -1,5 +1,5 @@
 //! A real Prefect server: the project venv, a free loopback port, a temporary
-//! `PREFECT_HOME` copied from a migrated template database, the per-binary shared
+//! `PREFECT_HOME` copied from a migrated template database, the shared
 //! server, `require_prefect!`, and servers started on a chosen port.
 
 use super::*;
@@ -392,7 +392,7 @@ impl PrefectServer {
         panic!("prefect server: port always in use:\n{last_err}");
     }
 
-    /// The server shared by all tests of this test binary: started once, seeded with
+    /// The server shared by all tests of the binary: started once, seeded with
     /// [`seed_standard`], stopped when the process exits. Treat it as read-only.
     pub fn shared() -> &'static PrefectServer {
         &shared_state().server
