@@ -216,22 +216,13 @@ pub fn raise_descriptor_limit() {
     assert!(limit >= 2500, "descriptor limit {limit}");
 }
 
-/// Tests that load both cores (the hostile-client attacks, the image build)
-/// and tests that bound latencies while they load them must not overlap: one's
-/// load would count against the other's bounds. The many tests that mostly wait
-/// on intervals run beside them (scripts/test.sh runs the binary on more threads
-/// than cores).
-static LOAD: RwLock<()> = RwLock::new(());
-
 /// Held for the whole of a test that loads both cores and bounds latencies
-/// meanwhile (every test of hostile_clients.rs): nothing else holding [`heavy`]
-/// or [`loading`] runs then.
-pub fn heavy() -> RwLockWriteGuard<'static, ()> {
-    LOAD.write().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Held while a test loads both cores without bounding latencies (the image
-/// build): such loads may overlap each other, never a [`heavy`] test.
-pub fn loading() -> RwLockReadGuard<'static, ()> {
-    LOAD.read().unwrap_or_else(|p| p.into_inner())
+/// meanwhile (every test of hostile_clients.rs): no two of them overlap, so that
+/// one's load does not count against another's bounds. The many tests that
+/// mostly wait on intervals run beside them (scripts/test.sh runs the binary on
+/// more threads than cores); loads without bounds of their own (the image build,
+/// promtool's rule tests) run at nice 19 instead, taking what the others leave.
+pub fn heavy() -> MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
 }
