@@ -220,11 +220,9 @@ fn without_the_ca_the_certificate_is_refused_and_the_log_says_so() {
     assert!(m[ERRORS] >= 1.0, "{}", exp.stderr());
     assert_eq!(m.get("prefect_up").copied(), Some(0.0));
     assert!(!m.contains_key("prefect_flow_runs_total"));
-    let log = exp.stderr();
-    assert!(
-        log.contains("TLS problem") && log.contains("certificate") && log.contains("UnknownIssuer"),
-        "{log}"
-    );
+    let log = exp.wait_log("a TLS problem, the certificate's unknown issuer", |log| {
+        log.contains("TLS problem") && log.contains("certificate") && log.contains("UnknownIssuer")
+    });
     assert!(
         log.contains("PREFECT_API_SSL_CERT_FILE"),
         "the log points at the fix: {log}"
@@ -272,10 +270,9 @@ fn a_certificate_for_another_name_is_refused_even_with_the_ca() {
     ]);
     let m = exp.first_collection(WAIT);
     assert!(m[ERRORS] >= 1.0);
-    let log = exp.stderr();
-    assert!(
-        log.contains("TLS problem") && log.contains("not valid for name"),
-        "{log}"
+    exp.wait_log(
+        "a TLS problem, the name the certificate is not valid for",
+        |log| log.contains("TLS problem") && log.contains("not valid for name"),
     );
 }
 
