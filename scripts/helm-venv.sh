@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ensure a project-local Python venv with the chart tools of tests/deploy.rs:
+# Ensure a project-local Python venv with the chart tools of tests/it/deploy.rs:
 # helm-python-sdk (Helm 4 as a library: render and lint offline, no helm binary)
 # and kubernetes-validate (the Kubernetes API schemas, offline). Idempotent and
 # safe to call concurrently (flock), like scripts/prefect-venv.sh.

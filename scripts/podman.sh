@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # podman with the settings this project's machines need; used by scripts/image.sh and
-# tests/container.rs, handy by hand: `scripts/podman.sh run --rm prefect-exporter --help`.
+# tests/it/container.rs, handy by hand: `scripts/podman.sh run --rm prefect-exporter --help`.
 #
 # - no systemd as PID 1 (sandboxes, CI containers): cgroupfs cgroups, events to a file;
 # - runc as the OCI runtime when it is installed (crun does not work in every sandbox);

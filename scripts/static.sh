@@ -23,7 +23,7 @@
 #   TARGET            target triple (default x86_64-unknown-linux-gnu)
 #   OPT_LEVEL         opt-level of this build (default z)
 #   STATIC_PIE        1: static-pie instead of a plain static executable
-#   MAX_BINARY_BYTES  size target; a bigger binary only warns here (default 3650000: unwinding, see tests/container.rs)
+#   MAX_BINARY_BYTES  size target; a bigger binary only warns here (default 3650000: unwinding, see tests/it/container.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -29,6 +29,11 @@ if ! command -v promtool >/dev/null 2>&1; then
     fi
 fi
 
+# One integration-test binary (tests/it/main.rs). Most of its tests wait on real
+# intervals (exporters collecting, Prometheus scraping) rather than use CPU, so
+# they run on more threads than cores; those that load both cores and bound
+# latencies take a lock (tests/it/support/common.rs, `heavy`), loads without
+# bounds run at nice 19. TEST_THREADS overrides the number.
 cargo build
-cargo test --no-fail-fast
+cargo test --no-fail-fast -- --test-threads="${TEST_THREADS:-8}"
 echo "test.sh: all tests passed in $(( $(date +%s) - start )) s" >&2

@@ -1,8 +1,9 @@
-//! Shared integration-test harness, used by every `tests/*.rs` through `mod support;`.
+//! Shared integration-test harness of the one test binary (tests/it/main.rs): every
+//! module of tests/it/ names it as `crate::support`.
 //!
 //! - [`PrefectServer`]: a real Prefect 3 server (project venv, free loopback port,
 //!   temporary `PREFECT_HOME` copied from a migrated template database), always
-//!   stopped: by `Drop`, by an `atexit` hook for the per-binary shared server, and by
+//!   stopped: by `Drop`, by an `atexit` hook for the shared server, and by
 //!   a shell watchdog when the test process dies without running either.
 //! - [`Api`]: a small REST client to seed flows, deployments, work pools and runs;
 //!   [`seed_standard`] creates the standard data set and returns [`Expected`].
@@ -15,10 +16,12 @@
 //! `prefect_server.rs` (the real server, `require_prefect!`), `api.rs` (the seeding
 //! REST `Api`, `seed_standard`, `Expected`), `exporter.rs` (the exporter process),
 //! `stub.rs` (the stub API), `http.rs` (HTTP requests and `/metrics` parsing),
-//! `common.rs` (signals, child processes, paths, temp folders, ports, polling),
+//! `common.rs` (signals, child processes, paths, temp folders, ports, polling, the
+//! descriptor limit, the lock of the heavy tests), `tools.rs` (promtool and other
+//! outside tools),
 //! `ops.rs` (work queues, runs in progress and concurrency limits for the operator
 //! groups), `events.rs` (the server's event count, a real SDK flow run).
-//! The counting pass-through proxy lives with its only user, tests/request_cost.rs.
+//! The counting pass-through proxy lives with its only user, tests/it/request_cost.rs.
 //!
 //! Real-server tests start with `support::require_prefect!();`: outside CI a missing
 //! venv (and a failed install) skips the test with a message; under `CI=true` it panics.
@@ -31,7 +34,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +46,7 @@ mod exporter;
 mod http;
 mod prefect_server;
 mod stub;
+mod tools;
 
 pub mod events;
 pub mod ops;
@@ -60,3 +64,5 @@ pub use http::*;
 pub use prefect_server::*;
 #[allow(unused_imports)]
 pub use stub::*;
+#[allow(unused_imports)]
+pub use tools::*;

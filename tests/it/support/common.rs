@@ -209,3 +209,35 @@ pub fn golden_families() -> Vec<(String, String)> {
         .map(|(name, kind)| (name.to_string(), kind.to_string()))
         .collect()
 }
+
+/// Raises this test process's soft descriptor limit to its hard limit (for the
+/// tests that hold a thousand connections), once; asserts room for 2,500.
+/// Every process the tests start afterwards inherits it, the exporter too.
+pub fn raise_descriptor_limit() {
+    static RAISED: OnceLock<u64> = OnceLock::new();
+    let limit = *RAISED.get_or_init(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write `limit` only.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit.rlim_cur = limit.rlim_max;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+        limit.rlim_cur
+    });
+    assert!(limit >= 2500, "descriptor limit {limit}");
+}
+
+/// Held for the whole of a test that loads both cores and bounds latencies
+/// meanwhile (every test of hostile_clients.rs): no two of them overlap, so that
+/// one's load does not count against another's bounds. The many tests that
+/// mostly wait on intervals run beside them (scripts/test.sh runs the binary on
+/// more threads than cores); loads without bounds of their own (the image build,
+/// promtool's rule tests) run at nice 19 instead, taking what the others leave.
+pub fn heavy() -> MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -4,7 +4,7 @@
 //! TLS error in its log; with PREFECT_API_SSL_CERT_FILE (or SSL_CERT_FILE) it
 //! gives the right values; with PREFECT_API_TLS_INSECURE_SKIP_VERIFY=true it works
 //! and logs a warning.
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -24,7 +24,6 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use support::{run_exporter_once, Exporter, PrefectServer, TempDir};
 
 const ERRORS: &str = "prefect_exporter_collect_errors_total";
-const COLLECTIONS: &str = "prefect_exporter_collections_total";
 const WAIT: Duration = Duration::from_secs(30);
 /// Debug builds make TLS handshakes slow, and tests run side by side on few
 /// cores: a wider collection deadline than the default 1 s of the harness.
@@ -203,21 +202,8 @@ fn tls_in_front_of_prefect(names: &[&str]) -> (Pki, TlsProxy) {
 }
 
 fn assert_correct_values(m: &HashMap<String, f64>, exp: &Exporter) {
-    let expected = support::shared_expected();
-    for (name, want) in expected.seed_gauges(&[]) {
-        assert_eq!(
-            m.get(name).copied(),
-            Some(want),
-            "{name}\nstderr:\n{}",
-            exp.stderr()
-        );
-    }
-    assert_eq!(m.get(ERRORS).copied(), Some(0.0), "{}", exp.stderr());
+    exp.assert_gauges(m, &support::shared_expected().seed_gauges(&[]));
     assert_eq!(m.get("prefect_up").copied(), Some(1.0));
-}
-
-fn first_collection(exp: &Exporter) -> HashMap<String, f64> {
-    exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 1.0), WAIT)
 }
 
 fn path_str(p: &Path) -> String {
@@ -230,15 +216,13 @@ fn without_the_ca_the_certificate_is_refused_and_the_log_says_so() {
     let (_pki, proxy) = tls_in_front_of_prefect(&["localhost", "127.0.0.1"]);
     let url = proxy.api_url("127.0.0.1");
     let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), INTERVAL]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert!(m[ERRORS] >= 1.0, "{}", exp.stderr());
     assert_eq!(m.get("prefect_up").copied(), Some(0.0));
     assert!(!m.contains_key("prefect_flow_runs_total"));
-    let log = exp.stderr();
-    assert!(
-        log.contains("TLS problem") && log.contains("certificate") && log.contains("UnknownIssuer"),
-        "{log}"
-    );
+    let log = exp.wait_log("a TLS problem, the certificate's unknown issuer", |log| {
+        log.contains("TLS problem") && log.contains("certificate") && log.contains("UnknownIssuer")
+    });
     assert!(
         log.contains("PREFECT_API_SSL_CERT_FILE"),
         "the log points at the fix: {log}"
@@ -263,7 +247,7 @@ fn with_the_ca_file_it_gives_the_right_values() {
     ] {
         let url = proxy.api_url(host);
         let exp = Exporter::spawn(&[("PREFECT_API_URL", &url), (var, &ca), INTERVAL]);
-        let m = first_collection(&exp);
+        let m = exp.first_collection(WAIT);
         assert_correct_values(&m, &exp);
         assert!(
             exp.stderr().contains(&format!("ca_file={ca}")),
@@ -284,12 +268,11 @@ fn a_certificate_for_another_name_is_refused_even_with_the_ca() {
         ("PREFECT_API_URL", &url),
         ("PREFECT_API_SSL_CERT_FILE", &ca),
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert!(m[ERRORS] >= 1.0);
-    let log = exp.stderr();
-    assert!(
-        log.contains("TLS problem") && log.contains("not valid for name"),
-        "{log}"
+    exp.wait_log(
+        "a TLS problem, the name the certificate is not valid for",
+        |log| log.contains("TLS problem") && log.contains("not valid for name"),
     );
 }
 
@@ -303,7 +286,7 @@ fn skip_verify_works_and_logs_a_warning() {
         ("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "true"),
         INTERVAL,
     ]);
-    let m = first_collection(&exp);
+    let m = exp.first_collection(WAIT);
     assert_correct_values(&m, &exp);
     let log = exp.stderr();
     let warning = log

@@ -10,7 +10,7 @@
 //! expected after the newest one listed),
 //! the listing is sent once, and past the listing cap
 //! (EXPORTER_MAX_LISTED_RUNS) it stops at the cap, and says so.
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 
@@ -400,7 +400,9 @@ fn steady_state_requests_do_not_grow_with_history() {
     support::require_prefect!();
     // No event persister here: with it, bulk creation on SQLite fails now and
     // then with "database is locked". The count of events is one request per
-    // family whatever it finds (tests/state_changes.rs counts real events).
+    // family whatever it finds (tests/it/state_changes.rs counts real events).
+    // Private (as in every test here): the request counts depend on everything
+    // the server holds, and the runs added would change the shared totals.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");
@@ -566,6 +568,7 @@ fn steady_state_requests_do_not_grow_with_history() {
 #[test]
 fn late_runs_cost_one_page_per_200_and_stop_at_the_cap() {
     support::require_prefect!();
+    // Private: request counts depend on all the server holds; runs are added.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");
@@ -1017,6 +1020,7 @@ fn active_shown(
 #[test]
 fn many_runs_in_progress_are_proved_unchanged_and_stay_exact() {
     support::require_prefect!();
+    // Private: request counts depend on all the server holds; runs are added.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");

@@ -7,7 +7,7 @@
 //! - runs enter a custom state name under a second state type: each (type,
 //!   name) pair on its own;
 //! - a run goes Pending -> Running -> Pending (forced): its new entry time.
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 
@@ -16,42 +16,21 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{Api, Exporter, PrefectServer, ServerOptions};
+use support::{all_groups_ok, collections, series, Api, Exporter, PrefectServer, ServerOptions};
 
 type Metrics = HashMap<String, f64>;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One server for the tests of this file; each test uses its own flow,
-/// deployments and state names, so they run side by side. Statics are never
+/// deployments and state names, so they run side by side. Not the shared one:
+/// they add (late, custom-named, active) runs and assert server-wide counts
+/// (late runs, the per-state sum equal to the total) that the shared server's
+/// tests count too. Statics are never
 /// dropped: the harness's watchdog stops it when the test process exits.
 fn server() -> &'static PrefectServer {
     static SERVER: OnceLock<PrefectServer> = OnceLock::new();
     SERVER.get_or_init(|| PrefectServer::start(ServerOptions::default()))
-}
-
-/// `name{a="x",b="y"}` with the labels sorted as the exporter prints them.
-fn series(name: &str, labels: &[(&str, &str)]) -> String {
-    let mut labels = labels.to_vec();
-    labels.sort();
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    format!("{name}{{{}}}", inner.join(","))
-}
-
-fn collections(m: &Metrics) -> f64 {
-    m.get("prefect_exporter_collections_total")
-        .copied()
-        .unwrap_or(0.0)
-}
-
-fn all_groups_ok(m: &Metrics) -> bool {
-    let prefix = "prefect_exporter_collector_success{";
-    let groups: Vec<f64> = m
-        .iter()
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(_, v)| *v)
-        .collect();
-    !groups.is_empty() && groups.iter().all(|v| *v == 1.0)
 }
 
 fn spawn(extra: &[(&str, &str)]) -> Exporter {

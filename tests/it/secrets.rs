@@ -1,7 +1,7 @@
 //! Issue 4: secrets (auth string, API key, custom header values) never appear
 //! in the exporter's output at any log level, TRACE included, nor on any HTTP
 //! answer, through success, failure (server stopped) and refusal (401).
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -80,6 +80,7 @@ fn assert_clean(what: &str, text: &str, auth: &str) {
 fn secrets_never_leak_at_trace_level() {
     support::require_prefect!();
     let auth = format!("exporter:{PASSWORD}");
+    // Private: basic auth is a server setting.
     let server = PrefectServer::start(ServerOptions {
         auth_string: Some(auth.clone()),
         ..Default::default()

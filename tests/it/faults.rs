@@ -11,7 +11,7 @@
 //! scraped during the outage; /readyz is 200 even when the first collection
 //! failed); when the fault ends, the next collection restores correct values and
 //! `prefect_up` 1.
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -278,6 +278,8 @@ fn real_server_faults_and_recoveries() {
     );
 
     let t = Instant::now();
+    // Private: started late on a chosen port, then stopped, frozen and restarted
+    // with other credentials.
     let mut server = PrefectServer::start_on(port, ServerOptions::default());
     eprintln!("prefect server up in {:.1?}", t.elapsed());
     let api = server.api();

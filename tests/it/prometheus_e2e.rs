@@ -16,13 +16,13 @@
 //! where it fails. Prometheus and the exporter are stopped, and Prometheus's temporary
 //! directory removed, also when a test fails (Drop guards; the harness's watchdog
 //! covers a killed test process).
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -70,35 +70,9 @@ const EXPORTER_WAIT: Duration = Duration::from_secs(30);
 /// How long the dashboard queries may take to all return data.
 const DASHBOARD_DEADLINE: Duration = Duration::from_secs(60);
 
-fn monitoring_dir() -> PathBuf {
-    support::project_root().join("monitoring")
-}
-
 // ---------------------------------------------------------------------------
 // The Prometheus tools
 // ---------------------------------------------------------------------------
-
-/// `name` from PATH (or /usr/bin). None, after a visible skip message, when missing;
-/// under CI=true a missing tool fails the test.
-fn tool(name: &str, test: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.push(PathBuf::from("/usr/bin"));
-    let found = dirs.into_iter().map(|d| d.join(name)).find(|p| {
-        use std::os::unix::fs::PermissionsExt;
-        p.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    });
-    if found.is_none() {
-        assert!(
-            !support::is_ci(),
-            "{test}: `{name}` not found (CI=true: install Debian's `prometheus` package; scripts/test.sh does)"
-        );
-        eprintln!("SKIPPED {test}: `{name}` not found (install Debian's `prometheus` package)");
-    }
-    found
-}
 
 /// Starts the exporter against the shared seeded server with the watch list, and
 /// waits for a first fully successful collection. It collects every second (the
@@ -138,7 +112,7 @@ fn families(text: &str) -> BTreeSet<String> {
 #[test]
 fn promtool_check_metrics_reports_only_the_five_total_gauges() {
     let test = "promtool_check_metrics_reports_only_the_five_total_gauges";
-    let Some(promtool) = tool("promtool", test) else {
+    let Some(promtool) = support::tool("promtool", test) else {
         return;
     };
     support::require_prefect!();
@@ -156,31 +130,11 @@ fn promtool_check_metrics_reports_only_the_five_total_gauges() {
         "/metrics lacks these families, so promtool could not check them: {absent:?}\n{text}"
     );
 
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", promtool.display()));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write /metrics to promtool");
-    let out = child.wait_with_output().expect("promtool check metrics");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // promtool prints one finding per line, "<metric> <text>", and exits 3 when it
-    // found any (1 is a failure to read or parse the input).
+    let (code, report) = support::promtool_check_metrics(&promtool, &text);
+    // promtool exits 3 when it found anything (1: it could not read the input).
     assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "promtool check metrics failed ({}):\n{report}\ninput:\n{text}",
-        out.status
+        matches!(code, Some(0 | 3)),
+        "promtool check metrics failed ({code:?}):\n{report}\ninput:\n{text}"
     );
     let findings: BTreeSet<(String, String)> = report
         .lines()
@@ -203,7 +157,7 @@ fn promtool_check_metrics_reports_only_the_five_total_gauges() {
          unexpected findings: {unexpected:#?}\nexpected but not reported: {missing:#?}\n\
          full report:\n{report}"
     );
-    assert_eq!(out.status.code(), Some(3), "findings but exit code 0?");
+    assert_eq!(code, Some(3), "findings but exit code 0?");
 }
 
 // ---------------------------------------------------------------------------
@@ -341,7 +295,7 @@ fn urlencode(s: &str) -> String {
 /// The generated config: scrape the exporter every second as job "prefect",
 /// evaluate monitoring/alerts.yaml every second.
 fn prometheus_config(exporter_addr: &str) -> String {
-    let rules = monitoring_dir().join("alerts.yaml");
+    let rules = support::monitoring_dir().join("alerts.yaml");
     format!(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - {rules:?}\n\
@@ -463,13 +417,14 @@ fn sample_labels(sample: &Value) -> String {
 #[test]
 fn prometheus_scrapes_the_exporter_and_every_dashboard_query_has_data() {
     let test = "prometheus_scrapes_the_exporter_and_every_dashboard_query_has_data";
-    let Some(prometheus_bin) = tool("prometheus", test) else {
+    let Some(prometheus_bin) = support::tool("prometheus", test) else {
         return;
     };
     support::require_prefect!();
     let expected = support::shared_expected();
     let dashboard: Value = serde_json::from_str(
-        &fs::read_to_string(monitoring_dir().join("dashboard.json")).expect("dashboard.json"),
+        &fs::read_to_string(support::monitoring_dir().join("dashboard.json"))
+            .expect("dashboard.json"),
     )
     .expect("dashboard.json is JSON");
     // The histogram panels need runs that ended while the exporter ran, which
@@ -664,15 +619,16 @@ fn is_histogram_query(expr: &str) -> bool {
 #[test]
 fn run_histogram_panels_have_data() {
     let test = "run_histogram_panels_have_data";
-    let Some(prometheus_bin) = tool("prometheus", test) else {
+    let Some(prometheus_bin) = support::tool("prometheus", test) else {
         return;
     };
-    let Some(promtool) = tool("promtool", test) else {
+    let Some(promtool) = support::tool("promtool", test) else {
         return;
     };
     support::require_prefect!();
     let dashboard: Value = serde_json::from_str(
-        &fs::read_to_string(monitoring_dir().join("dashboard.json")).expect("dashboard.json"),
+        &fs::read_to_string(support::monitoring_dir().join("dashboard.json"))
+            .expect("dashboard.json"),
     )
     .expect("dashboard.json is JSON");
     let queries: Vec<(String, String)> = dashboard_queries(&dashboard)
@@ -685,6 +641,8 @@ fn run_histogram_panels_have_data() {
         .collect();
     assert!(queries.len() >= 3, "histogram panels: {queries:?}");
 
+    // Private: runs end while Prometheus scrapes, which would change the flow-run
+    // totals the shared server's tests count.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");
@@ -739,22 +697,7 @@ fn run_histogram_panels_have_data() {
     let text = exporter.metrics_text();
     assert!(text.contains("# TYPE prefect_flow_run_duration_seconds histogram"));
     assert!(text.contains("# TYPE prefect_flow_run_start_delay_seconds histogram"));
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool check metrics");
-    let report =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let (_, report) = support::promtool_check_metrics(&promtool, &text);
     let findings: Vec<&str> = report
         .lines()
         .filter(|l| l.contains("duration_seconds") || l.contains("delay_seconds"))
@@ -843,7 +786,7 @@ fn assert_panel_values(
 /// Every group of alerts.yaml is loaded from that file, and every rule has been
 /// evaluated on the real series (again, after the dashboard check) with health "ok".
 fn assert_rules_loaded_and_healthy(prom: &Prometheus, context: &dyn Fn(&Prometheus) -> String) {
-    let rules_path = monitoring_dir().join("alerts.yaml");
+    let rules_path = support::monitoring_dir().join("alerts.yaml");
     let yaml: serde_norway::Value =
         serde_norway::from_str(&fs::read_to_string(&rules_path).expect("alerts.yaml"))
             .expect("alerts.yaml is YAML");
@@ -1001,42 +944,23 @@ impl KeepAliveClient {
     /// One request and its answer; on failure, whether the connection had
     /// been closed by the server before any byte came.
     fn try_once(&mut self) -> Result<(), (bool, String)> {
-        use std::io::Read;
         if self.conn.is_none() {
             let s = std::net::TcpStream::connect(&self.addr).map_err(|e| (false, e.to_string()))?;
             s.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
             self.conn = Some(s);
         }
         let s = self.conn.as_mut().unwrap();
-        let sent = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 64 * 1024];
-        let result = sent.map_err(|e| (true, e.to_string())).and_then(|()| loop {
-            let n = match s.read(&mut chunk) {
-                Ok(0) => return Err((buf.is_empty(), "closed".to_string())),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Err((buf.is_empty(), e.to_string()))
+        let result = s
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .map_err(|e| (true, e.to_string()))
+            .and_then(|()| {
+                let mut buf = Vec::new();
+                match support::read_answer(s, &mut buf) {
+                    Ok(200) => Ok(()),
+                    Ok(status) => Err((false, format!("status {status}"))),
+                    Err(e) => Err((e.closed_before_answer, e.what)),
                 }
-                Err(e) => return Err((false, format!("{e} after {} bytes", buf.len()))),
-            };
-            buf.extend_from_slice(&chunk[..n]);
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or((false, format!("no content-length: {head}")))?;
-            if !head.starts_with("http/1.1 200") {
-                return Err((false, head));
-            }
-            if buf.len() >= end + 4 + length {
-                return Ok(());
-            }
-        });
+            });
         if result.is_err() {
             self.conn = None;
         }
@@ -1047,7 +971,7 @@ impl KeepAliveClient {
 #[test]
 fn keep_alive_scrapes_are_all_answered_past_the_idle_timeout() {
     let test = "keep_alive_scrapes_are_all_answered_past_the_idle_timeout";
-    let Some(prometheus_bin) = tool("prometheus", test) else {
+    let Some(prometheus_bin) = support::tool("prometheus", test) else {
         return;
     };
     support::require_prefect!();

@@ -3,10 +3,8 @@
 //! value, `promtool check metrics` finds nothing but the five `_total` gauges the
 //! specification imposes, /healthz and /readyz answer, HEAD matches GET; the
 //! `process_*` series follow the exporter's process.
-mod support;
+use crate::support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use support::{Exporter, PrefectServer};
@@ -22,22 +20,6 @@ const SPECIFIED_TOTAL_GAUGES: &[&str] = &[
     "prefect_flow_runs_in_warning_total",
     "prefect_missing_deployments_total",
 ];
-
-fn promtool() -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("promtool"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            !support::is_ci(),
-            "promtool not found in PATH (CI=true: install Debian's `prometheus` package)"
-        );
-        eprintln!("SKIPPED: promtool not found in PATH (Debian's `prometheus` package)");
-    }
-    found
-}
 
 fn type_of<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     let prefix = format!("# TYPE {name} ");
@@ -167,26 +149,10 @@ fn self_metrics_on_a_real_server() {
     assert!(head.header("content-length").is_some());
 
     // promtool: nothing but the five specified `_total` gauges.
-    let Some(promtool) = promtool() else { return };
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Some(promtool) = support::tool("promtool", "self_metrics_on_a_real_server") else {
+        return;
+    };
+    let (_, report) = support::promtool_check_metrics(&promtool, &text);
     let mut complaints: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
     complaints.sort();
     let mut expected: Vec<String> = SPECIFIED_TOTAL_GAUGES

@@ -1,6 +1,6 @@
 //! Issue 4: a bad setting is one clear line and exit code 2 before anything
 //! listens; good settings start; --help lists every setting and --version works.
-mod support;
+use crate::support;
 
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;

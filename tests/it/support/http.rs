@@ -101,12 +101,68 @@ pub(crate) fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Why [`read_answer`] read no whole answer.
+#[derive(Debug)]
+pub struct ReadError {
+    /// The connection ended (end of file or reset) before any byte of the
+    /// answer: a kept connection the server had closed, worth one new try.
+    pub closed_before_answer: bool,
+    pub what: String,
+}
+
+/// Reads one answer with a `Content-Length` body from a kept (or pipelined)
+/// connection, as a keep-alive client does; what follows it stays in `buf`.
+/// Returns the status; the read timeout is the stream's.
+pub fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<u16, ReadError> {
+    let mut chunk = [0u8; 64 * 1024];
+    let mut read_more = |s: &mut TcpStream, buf: &mut Vec<u8>| -> Result<(), ReadError> {
+        let empty = buf.is_empty();
+        match s.read(&mut chunk) {
+            Ok(0) => Err(ReadError {
+                closed_before_answer: empty,
+                what: format!("closed after {} bytes", buf.len()),
+            }),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+            Err(e) => Err(ReadError {
+                closed_before_answer: empty && e.kind() == std::io::ErrorKind::ConnectionReset,
+                what: format!("{e} after {} bytes", buf.len()),
+            }),
+        }
+    };
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read_more(s, buf)?;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let fail = |what: String| ReadError {
+        closed_before_answer: false,
+        what,
+    };
+    let status = head
+        .get(9..12)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| fail(format!("no status: {head}")))?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| fail(format!("no content-length: {head}")))?;
+    while buf.len() < end + length {
+        read_more(s, buf)?;
+    }
+    buf.drain(..end + length);
+    Ok(status)
+}
+
 // ---------------------------------------------------------------------------
 // Prometheus text format
 // ---------------------------------------------------------------------------
 
-/// Parses the text exposition format into `series -> value`, where the series is
-/// the metric name with its labels exactly as printed (`name{a="x",b="y"}`).
 /// The sum of every series of a labelled family in a parsed scrape.
 pub fn family_sum(m: &HashMap<String, f64>, family: &str) -> f64 {
     let prefix = format!("{family}{{");
@@ -116,6 +172,56 @@ pub fn family_sum(m: &HashMap<String, f64>, family: &str) -> f64 {
         .sum()
 }
 
+/// `name{a="x",b="y"}`: the labels sorted and escaped as the exporter prints
+/// them (`name` alone without labels), a key of [`parse_metrics`].
+pub fn series(name: &str, labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return name.to_string();
+    }
+    let mut labels = labels.to_vec();
+    labels.sort();
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{name}{{{}}}", inner.join(","))
+}
+
+/// The collection counter of a parsed scrape (0 before the first collection).
+pub fn collections(m: &HashMap<String, f64>) -> f64 {
+    m.get("prefect_exporter_collections_total")
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// The scrape's collection had each of `groups` succeed.
+pub fn groups_ok(m: &HashMap<String, f64>, groups: &[&str]) -> bool {
+    groups.iter().all(|g| {
+        m.get(&series(
+            "prefect_exporter_collector_success",
+            &[("collector", g)],
+        )) == Some(&1.0)
+    })
+}
+
+/// The scrape's collection had every group it shows succeed (at least one).
+pub fn all_groups_ok(m: &HashMap<String, f64>) -> bool {
+    let mut groups = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("prefect_exporter_collector_success{"))
+        .map(|(_, v)| *v)
+        .peekable();
+    groups.peek().is_some() && groups.all(|v| v == 1.0)
+}
+
+/// Parses the text exposition format into `series -> value`, where the series is
+/// the metric name with its labels exactly as printed (`name{a="x",b="y"}`).
 pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
     let mut out = HashMap::new();
     for line in text.lines() {

@@ -14,7 +14,7 @@
 //! Re-record only on purpose (`GOLDEN_RECORD=1 cargo test --test golden_render`):
 //! a change of the text is a change for every user's dashboards.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;

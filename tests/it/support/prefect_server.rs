@@ -1,5 +1,5 @@
 //! A real Prefect server: the project venv, a free loopback port, a temporary
-//! `PREFECT_HOME` copied from a migrated template database, the per-binary shared
+//! `PREFECT_HOME` copied from a migrated template database, the shared
 //! server, `require_prefect!`, and servers started on a chosen port.
 
 use super::*;
@@ -319,35 +319,53 @@ pub(crate) fn build_template() -> Option<PathBuf> {
     }
 }
 
+/// Servers start one at a time: a start takes a core for seconds (Python
+/// imports, the app's start-up), and tests that begin together would otherwise
+/// start theirs together, slowing the collections of every test running then.
+fn one_start_at_a_time() -> MutexGuard<'static, ()> {
+    static STARTING: Mutex<()> = Mutex::new(());
+    STARTING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// In-process serialisation of template building (the file lock covers processes).
 pub(crate) static TEMPLATE_MUTEX: Mutex<()> = Mutex::new(());
+
+/// A new `PREFECT_HOME` holding a copy of the template database (if there is
+/// one), to be owned (and removed) by a [`PrefectServer`].
+fn new_home() -> PathBuf {
+    assert!(
+        prefect_available(),
+        "Prefect is not available (the test should start with support::require_prefect!())"
+    );
+    let template = {
+        let _g = TEMPLATE_MUTEX.lock().unwrap_or_else(|e| e.into_inner());
+        template_dir()
+    };
+    let home = TempDir::new("prefect-home");
+    let home_path = home.path().to_path_buf();
+    std::mem::forget(home); // owned by the PrefectServer from here on
+    if let Some(t) = &template {
+        for f in TEMPLATE_FILES {
+            if t.join(f).exists() {
+                fs::copy(t.join(f), home_path.join(f)).expect("copy template database");
+            }
+        }
+    }
+    home_path
+}
 
 impl PrefectServer {
     /// Starts a fresh server (panics when it cannot; call `require_prefect!()` first).
     pub fn start(opts: ServerOptions) -> PrefectServer {
-        assert!(
-            prefect_available(),
-            "Prefect is not available (the test should start with support::require_prefect!())"
-        );
-        let template = {
-            let _g = TEMPLATE_MUTEX.lock().unwrap_or_else(|e| e.into_inner());
-            template_dir()
-        };
         let mut last_err = String::new();
         for _attempt in 0..3 {
-            let home = TempDir::new("prefect-home");
-            let home_path = home.path().to_path_buf();
-            std::mem::forget(home); // owned by the PrefectServer from here on
-            if let Some(t) = &template {
-                for f in TEMPLATE_FILES {
-                    if t.join(f).exists() {
-                        fs::copy(t.join(f), home_path.join(f)).expect("copy template database");
-                    }
-                }
-            }
+            let home_path = new_home();
             let port = free_port();
+            let starting = one_start_at_a_time();
             let mut child = launch_server(&home_path, port, &opts, true);
-            match wait_healthy(&mut child, &home_path, port) {
+            let ready = wait_healthy(&mut child, &home_path, port);
+            drop(starting);
+            match ready {
                 Ok(took) => {
                     if std::env::var_os("SUPPORT_VERBOSE").is_some() {
                         eprintln!("support: prefect server on :{port} ready in {took:.1?}");
@@ -374,7 +392,7 @@ impl PrefectServer {
         panic!("prefect server: port always in use:\n{last_err}");
     }
 
-    /// The server shared by all tests of this test binary: started once, seeded with
+    /// The server shared by all tests of the binary: started once, seeded with
     /// [`seed_standard`], stopped when the process exits. Treat it as read-only.
     pub fn shared() -> &'static PrefectServer {
         &shared_state().server
@@ -561,26 +579,12 @@ impl PrefectServer {
     /// Starts a fresh server on `port` (e.g. one an exporter already points at);
     /// panics if the port is taken or the server does not become healthy.
     pub fn start_on(port: u16, opts: ServerOptions) -> PrefectServer {
-        assert!(
-            prefect_available(),
-            "Prefect is not available (the test should start with support::require_prefect!())"
-        );
-        let template = {
-            let _g = TEMPLATE_MUTEX.lock().unwrap_or_else(|e| e.into_inner());
-            template_dir()
-        };
-        let home = TempDir::new("prefect-home");
-        let home_path = home.path().to_path_buf();
-        std::mem::forget(home); // owned by the PrefectServer from here on
-        if let Some(t) = &template {
-            for f in TEMPLATE_FILES {
-                if t.join(f).exists() {
-                    fs::copy(t.join(f), home_path.join(f)).expect("copy template database");
-                }
-            }
-        }
+        let home_path = new_home();
+        let starting = one_start_at_a_time();
         let mut child = launch_server(&home_path, port, &opts, true);
-        match wait_healthy(&mut child, &home_path, port) {
+        let ready = wait_healthy(&mut child, &home_path, port);
+        drop(starting);
+        match ready {
             Ok(_) => {
                 let pid = child.id() as i32;
                 PrefectServer {

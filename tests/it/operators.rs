@@ -1,7 +1,7 @@
 //! Issue 13: work queues, runs in progress, concurrency limits and the late-run
 //! summary, checked against the shared seeded REAL Prefect server
-//! (tests/support/ops.rs seeds them): every new series equals what was created.
-mod support;
+//! (tests/it/support/ops.rs seeds them): every new series equals what was created.
+use crate::support;
 
 use prefect_exporter::rfc3339;
 
@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{Api, Exporter, PrefectServer};
+use support::{groups_ok, series, Api, Exporter, PrefectServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 const GROUPS: &[&str] = &[
@@ -24,29 +24,12 @@ const ACTIVE_TYPES: &[&str] = &["PENDING", "RUNNING"];
 
 type Metrics = HashMap<String, f64>;
 
-/// `name{a="x",b="y"}` with the labels sorted as the exporter prints them.
-fn series(name: &str, labels: &[(&str, &str)]) -> String {
-    let mut labels = labels.to_vec();
-    labels.sort();
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    format!("{name}{{{}}}", inner.join(","))
-}
-
 fn family<'a>(m: &'a Metrics, name: &str) -> BTreeMap<&'a str, f64> {
     let prefix = format!("{name}{{");
     m.iter()
         .filter(|(k, _)| k.starts_with(&prefix))
         .map(|(k, v)| (k.as_str(), *v))
         .collect()
-}
-
-fn groups_ok(m: &Metrics, groups: &[&str]) -> bool {
-    groups.iter().all(|g| {
-        m.get(&series(
-            "prefect_exporter_collector_success",
-            &[("collector", g)],
-        )) == Some(&1.0)
-    })
 }
 
 fn list(api: &Api, path: &str, body: Value) -> Vec<Value> {

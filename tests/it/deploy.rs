@@ -7,6 +7,8 @@ use std::process::Command;
 
 use serde_norway::Value;
 
+use crate::support::{have, is_ci, project_root, TempDir};
+
 /// Writes straight to the process's stderr: unlike `eprintln!`, libtest does not
 /// capture it, so a skip is visible in a normal `cargo test` run.
 macro_rules! skip_note {
@@ -18,12 +20,8 @@ macro_rules! skip_note {
 const PORT: u64 = 8080;
 const IMAGE: &str = "prefect-exporter";
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn read(rel: &str) -> String {
-    let path = root().join(rel);
+    let path = project_root().join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
@@ -52,17 +50,6 @@ fn seq<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
     at(v, path)
         .as_sequence()
         .unwrap_or_else(|| panic!("{} is not a list", path.join(".")))
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Parses `Key=Value` lines of a unit file (comments and sections ignored).
@@ -171,7 +158,7 @@ fn skip_without_systemd_analyze() -> bool {
         return false;
     }
     assert!(
-        !ci(),
+        !is_ci(),
         "CI=true but systemd-analyze is missing (Debian package systemd)"
     );
     skip_note!("SKIPPED: systemd-analyze not found; the unit was not verified");
@@ -183,15 +170,15 @@ fn systemd_unit_verifies() {
     if skip_without_systemd_analyze() {
         return;
     }
-    let dir = tempdir("verify");
-    let unit = unit_copy(&dir);
+    let tmp = TempDir::new("deploy-verify");
+    let dir = tmp.path();
+    let unit = unit_copy(dir);
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&unit)
         .output()
         .expect("run systemd-analyze verify");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let _ = std::fs::remove_dir_all(&dir);
     // verify exits 0 on unknown keys and only warns: any line about our unit fails.
     let ours: Vec<&str> = stderr
         .lines()
@@ -209,30 +196,21 @@ fn systemd_unit_exposure_is_low() {
     if skip_without_systemd_analyze() {
         return;
     }
-    let dir = tempdir("security");
-    let unit = unit_copy(&dir);
+    let tmp = TempDir::new("deploy-security");
+    let dir = tmp.path();
+    let unit = unit_copy(dir);
     // --threshold is the overall exposure x10: 20 means "at most 2.0 of 10".
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--threshold=20", "--no-pager"])
         .arg(&unit)
         .output()
         .expect("run systemd-analyze security");
-    let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "exposure above 2.0:\n{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "prefect-exporter-deploy-{tag}-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn container(deployment: &Value) -> &Value {
@@ -432,7 +410,7 @@ fn compose_stack() {
             "mount {mount}"
         );
         assert!(
-            root().join("monitoring").join(file).is_file(),
+            project_root().join("monitoring").join(file).is_file(),
             "monitoring/{file} missing"
         );
     }
@@ -545,7 +523,7 @@ const NAMESPACE: &str = "monitoring";
 fn helm_venv() -> PathBuf {
     std::env::var_os("HELM_VENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv-helm"))
+        .unwrap_or_else(|| project_root().join(".venv-helm"))
 }
 
 /// The venv's python once scripts/helm-venv.sh has made sure of the venv (once per
@@ -554,7 +532,7 @@ fn helm_venv() -> PathBuf {
 fn helm_tools() -> Option<PathBuf> {
     static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let ready = READY.get_or_init(|| {
-        let out = Command::new(root().join("scripts/helm-venv.sh"))
+        let out = Command::new(project_root().join("scripts/helm-venv.sh"))
             .env("HELM_VENV", helm_venv())
             .output()
             .map_err(|e| format!("cannot run scripts/helm-venv.sh: {e}"))?;
@@ -571,7 +549,7 @@ fn helm_tools() -> Option<PathBuf> {
     match ready {
         Ok(()) => Some(helm_venv().join("bin").join("python")),
         Err(e) => {
-            assert!(!ci(), "CI=true but the chart tools are missing: {e}");
+            assert!(!is_ci(), "CI=true but the chart tools are missing: {e}");
             skip_note!("SKIPPED: no chart tools ({e}); the Helm chart was not checked");
             None
         }
@@ -581,9 +559,9 @@ fn helm_tools() -> Option<PathBuf> {
 /// One run of tests/helm_chart.py; its JSON answer.
 fn helm(python: &Path, command: &str, values: &serde_json::Value) -> serde_json::Value {
     let out = Command::new(python)
-        .arg(root().join("tests/helm_chart.py"))
+        .arg(project_root().join("tests/helm_chart.py"))
         .arg(command)
-        .arg(root().join(CHART))
+        .arg(project_root().join(CHART))
         .arg(values.to_string())
         .output()
         .expect("run tests/helm_chart.py");
@@ -837,7 +815,8 @@ fn kube_versions(validate: &Path) -> [String; 2] {
 
 /// Runs kubernetes-validate --strict on `docs` at `version`: (success, output).
 fn kube_validate(validate: &Path, version: &str, docs: &[&Value], tag: &str) -> (bool, String) {
-    let dir = tempdir(tag);
+    let tmp = TempDir::new(&format!("deploy-{tag}"));
+    let dir = tmp.path();
     let files: Vec<PathBuf> = docs
         .iter()
         .enumerate()
@@ -852,7 +831,6 @@ fn kube_validate(validate: &Path, version: &str, docs: &[&Value], tag: &str) -> 
         .args(&files)
         .output()
         .expect("run kubernetes-validate");
-    let _ = std::fs::remove_dir_all(&dir);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -1293,13 +1271,14 @@ fn helm_chart_service_monitor_and_rules() {
     // And Prometheus accepts them.
     if !have("promtool") {
         assert!(
-            !ci(),
+            !is_ci(),
             "CI=true but promtool is missing (Debian package prometheus)"
         );
         skip_note!("SKIPPED: promtool not found; the rendered rules were not checked by it");
         return;
     }
-    let dir = tempdir("rules");
+    let tmp = TempDir::new("deploy-rules");
+    let dir = tmp.path();
     let file = dir.join("rules.yaml");
     let mut doc = serde_norway::Mapping::new();
     doc.insert("groups".into(), Value::Sequence(groups.to_vec()));
@@ -1309,7 +1288,6 @@ fn helm_chart_service_monitor_and_rules() {
         .arg(&file)
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "promtool check rules on the PrometheusRule:\n{}{}",
@@ -1322,7 +1300,7 @@ fn helm_chart_service_monitor_and_rules() {
 fn helm_chart_rules_are_monitoring_alerts() {
     // One file: the chart's alerts.yaml is a link to monitoring/alerts.yaml (Helm
     // follows it, and `helm package` stores its content), so they cannot drift.
-    let link = root().join(CHART).join("alerts.yaml");
+    let link = project_root().join(CHART).join("alerts.yaml");
     let meta = std::fs::symlink_metadata(&link).expect("the chart's alerts.yaml");
     assert!(
         meta.file_type().is_symlink(),
@@ -1331,7 +1309,7 @@ fn helm_chart_rules_are_monitoring_alerts() {
     );
     assert_eq!(
         std::fs::canonicalize(&link).unwrap(),
-        std::fs::canonicalize(root().join("monitoring/alerts.yaml")).unwrap()
+        std::fs::canonicalize(project_root().join("monitoring/alerts.yaml")).unwrap()
     );
     // And the templates take the rules from it, not from a copy.
     let template = read(&format!("{CHART}/templates/prometheusrule.yaml"));

@@ -1,7 +1,7 @@
 //! Issue 14: state-change counters from Prefect's events and the duration and
 //! start-delay histograms, against REAL Prefect servers (an SDK flow from the
 //! test venv for the task-run events).
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::events::{run_sdk_flow, sdk_flow_changes};
-use support::{Api, Exporter, PrefectServer, ServerOptions, Stub};
+use support::{collections, Api, Exporter, PrefectServer, ServerOptions, Stub};
 
 type Metrics = HashMap<String, f64>;
 type Counts = BTreeMap<String, u64>;
@@ -33,12 +33,6 @@ fn add(into: &mut Counts, from: &Counts) {
     for (k, v) in from {
         *into.entry(k.clone()).or_default() += v;
     }
-}
-
-fn collections(m: &Metrics) -> f64 {
-    m.get("prefect_exporter_collections_total")
-        .copied()
-        .unwrap_or(0.0)
 }
 
 fn errors(m: &Metrics) -> f64 {
@@ -74,6 +68,8 @@ fn wait_failed_collection(exp: &Exporter) {
 #[test]
 fn every_transition_is_counted_once_across_failed_collections() {
     support::require_prefect!();
+    // Private: the event persister runs (events are counted server-wide), and
+    // the server is frozen for the failed collections.
     let server = PrefectServer::start(ServerOptions {
         events: true,
         ..Default::default()
@@ -245,6 +241,8 @@ fn secs(v: &Value, field: &str) -> f64 {
 #[test]
 fn finished_runs_land_in_their_buckets_once() {
     support::require_prefect!();
+    // Private: runs end under the exporter's eyes, which would change the
+    // flow-run totals the shared server's tests count.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let flow = api.create_flow("etl");

@@ -3,8 +3,10 @@
 //! never read and garbage must never stop /metrics for a well-behaved scraper,
 //! memory must come back after the attack, running out of file descriptors must
 //! not stop the exporter, and keep-alive scrapes must not pay a Nagle stall.
-//! No Prefect needed: a stub keeps the exporter's data realistic.
-mod support;
+//! No Prefect needed: a stub keeps the exporter's data realistic. Every test
+//! holds `support::heavy()`: the attacks load both cores, and the bounds are
+//! latencies.
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,14 +16,6 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use support::{http_request, poll, Exporter, Stub};
-
-/// The attacks that load both cores run one at a time, so that one test's
-/// attack does not count against another's latency bound.
-static ATTACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_attack_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ATTACK.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Prometheus's default scrape timeout: every scrape must be answered within it.
 const SCRAPE_LIMIT: Duration = Duration::from_secs(10);
@@ -130,7 +124,7 @@ fn garbage(seed: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn hostile_clients_never_stop_metrics_and_memory_comes_back() {
-    let _attack = one_attack_at_a_time();
+    let _heavy = support::heavy();
     let stub = Stub::standard();
     let exp = ready_exporter(&stub);
     let addr = exp.addr().to_string();
@@ -276,6 +270,7 @@ fn hostile_clients_never_stop_metrics_and_memory_comes_back() {
 
 #[test]
 fn running_out_of_descriptors_does_not_stop_the_exporter() {
+    let _heavy = support::heavy();
     let stub = Stub::standard();
     let mut exp = ready_exporter(&stub);
     let addr = exp.addr().to_string();
@@ -336,35 +331,9 @@ fn running_out_of_descriptors_does_not_stop_the_exporter() {
     eprintln!("descriptor exhaustion: answering again {back:.1?} after the connections closed");
 }
 
-/// Reads one answer with a Content-Length body from a keep-alive connection.
-fn read_answer(s: &mut TcpStream, buf: &mut Vec<u8>) -> u16 {
-    let mut chunk = [0u8; 16 * 1024];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut chunk).expect("read");
-        assert!(n > 0, "connection closed");
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("content-length");
-    let status = head[9..12].parse().expect("status");
-    while buf.len() < end + length {
-        let n = s.read(&mut chunk).expect("read");
-        assert!(n > 0, "connection closed");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    buf.drain(..end + length);
-    status
-}
-
 #[test]
 fn keep_alive_scrapes_pay_no_nagle_stall() {
+    let _heavy = support::heavy();
     let stub = Stub::standard();
     let exp = ready_exporter(&stub);
     let mut s = TcpStream::connect(exp.addr()).unwrap();
@@ -375,7 +344,10 @@ fn keep_alive_scrapes_pay_no_nagle_stall() {
         let t = Instant::now();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
-        assert_eq!(read_answer(&mut s, &mut buf), 200);
+        assert_eq!(
+            support::read_answer(&mut s, &mut buf).expect("an answer"),
+            200
+        );
         latencies.push(t.elapsed());
     }
     latencies.sort();
@@ -392,6 +364,7 @@ fn keep_alive_scrapes_pay_no_nagle_stall() {
 
 #[test]
 fn sigterm_while_an_answer_is_stuck_exits_0_within_a_second() {
+    let _heavy = support::heavy();
     let stub = Stub::standard();
     let mut exp = ready_exporter(&stub);
     // A client that pipelines requests and never reads: the main thread is
@@ -515,7 +488,7 @@ fn trickler(
 
 #[test]
 fn bodies_expect_and_slow_clients_never_hold_up_a_scrape() {
-    let _attack = one_attack_at_a_time();
+    let _heavy = support::heavy();
     let stub = Stub::standard();
     let mut exp = ready_exporter(&stub);
     let addr = exp.addr().to_string();
@@ -592,7 +565,7 @@ fn bodies_expect_and_slow_clients_never_hold_up_a_scrape() {
                 .unwrap();
             let mut buf = Vec::new();
             (0..50)
-                .map(|_| read_answer(&mut s, &mut buf))
+                .map(|_| support::read_answer(&mut s, &mut buf).expect("an answer"))
                 .collect::<Vec<u16>>()
         })
     };
@@ -666,25 +639,6 @@ fn thread_waits(pid: u32) -> Vec<String> {
     waits
 }
 
-/// Raises this test process's own descriptor limit: a thousand connections.
-fn raise_own_descriptor_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write `limit` only.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    assert!(
-        limit.rlim_cur >= 2500,
-        "descriptor limit {}",
-        limit.rlim_cur
-    );
-}
-
 /// Within 60 s of the clients closing, the process is back within 10
 /// descriptors, 4 threads and 2 MB of resident memory of `before`.
 fn back_to(pid: u32, before: (u64, u64, u64), case: &str, exp: &Exporter) -> Duration {
@@ -706,8 +660,8 @@ fn back_to(pid: u32, before: (u64, u64, u64), case: &str, exp: &Exporter) -> Dur
 
 #[test]
 fn what_tiny_http_cannot_give_back_is_given_back_in_the_same_process() {
-    let _attack = one_attack_at_a_time();
-    raise_own_descriptor_limit();
+    let _heavy = support::heavy();
+    support::raise_descriptor_limit();
     let stub = Stub::standard();
     let mut exp = ready_exporter(&stub);
     let addr = exp.addr().to_string();
@@ -836,6 +790,7 @@ impl Drop for PidsCgroup {
 
 #[test]
 fn no_thread_to_start_never_stops_the_exporter() {
+    let _heavy = support::heavy();
     let stub = Stub::standard();
     let mut exp = ready_exporter(&stub);
     let addr = exp.addr().to_string();
@@ -901,6 +856,7 @@ fn no_thread_to_start_never_stops_the_exporter() {
 
 #[test]
 fn a_burst_of_connections_is_answered_even_when_tiny_http_queues_some() {
+    let _heavy = support::heavy();
     let stub = Stub::standard();
     let exp = ready_exporter(&stub);
     let addr = exp.addr().to_string();

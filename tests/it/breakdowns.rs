@@ -1,16 +1,15 @@
 //! Issue 5: the breakdown series, checked against a REAL Prefect server.
 //! Read-only checks use the shared seeded server; everything that changes data
 //! runs on a server of its own.
-mod support;
+use crate::support;
 
 use prefect_exporter::rfc3339;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{run_exporter_once, Api, Exporter, PrefectServer, ServerOptions};
+use support::{run_exporter_once, series, Api, Exporter, PrefectServer, ServerOptions};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// Two seconds: a one-second deadline is tight on two shared cores.
@@ -19,26 +18,6 @@ const GROUPS: &[&str] = &["seed", "flow_runs", "deployments", "work_pools"];
 const TRACKED: &[&str] = &["COMPLETED", "FAILED", "CRASHED"];
 
 type Metrics = HashMap<String, f64>;
-
-/// `name{a="x",b="y"}` with the labels sorted as the exporter prints them.
-fn series(name: &str, labels: &[(&str, &str)]) -> String {
-    if labels.is_empty() {
-        return name.to_string();
-    }
-    let mut labels = labels.to_vec();
-    labels.sort();
-    let inner: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| {
-            let v = v
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            format!("{k}=\"{v}\"")
-        })
-        .collect();
-    format!("{name}{{{}}}", inner.join(","))
-}
 
 fn with_prefix<'a>(m: &'a Metrics, prefix: &str) -> Vec<(&'a String, f64)> {
     let mut v: Vec<_> = m
@@ -51,12 +30,7 @@ fn with_prefix<'a>(m: &'a Metrics, prefix: &str) -> Vec<(&'a String, f64)> {
 }
 
 fn all_groups_ok(m: &Metrics) -> bool {
-    GROUPS.iter().all(|g| {
-        m.get(&series(
-            "prefect_exporter_collector_success",
-            &[("collector", g)],
-        )) == Some(&1.0)
-    })
+    support::groups_ok(m, GROUPS)
 }
 
 fn spawn(api_url: &str, extra: &[(&str, &str)]) -> Exporter {
@@ -242,6 +216,9 @@ fn breakdowns_equal_the_seeded_server() {
 #[test]
 fn breakdowns_follow_changes_between_collections() {
     support::require_prefect!();
+    // Private: it adds, ends and deletes runs, deployments and pools, and asserts
+    // server-wide counts (per-state totals, deployments, pools) that the shared
+    // server's tests count too.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let etl = api.create_flow("etl");
@@ -361,6 +338,8 @@ fn breakdowns_follow_changes_between_collections() {
 #[test]
 fn per_state_counts_are_reused_with_their_age() {
     support::require_prefect!();
+    // Private: it adds runs mid-test and asserts server-wide per-state counts and
+    // the success total.
     let server = PrefectServer::start(ServerOptions::default());
     let api = server.api();
     let etl = api.create_flow("etl");
@@ -391,7 +370,12 @@ fn per_state_counts_are_reused_with_their_age() {
     // Within the maximum age of 8 s the counts are read again.
     let m = exp.wait_for(|m| m.get(&completed) == Some(&2.0), WAIT);
     assert!(m[age] < 8.0, "age {}", m[age]);
-    assert_eq!(m["prefect_exporter_collect_errors_total"], 0.0);
+    assert_eq!(
+        m["prefect_exporter_collect_errors_total"],
+        0.0,
+        "{}",
+        exp.stderr()
+    );
 }
 
 #[test]
@@ -458,38 +442,14 @@ fn max_deployments_caps_series_and_warns_once() {
 #[test]
 fn promtool_accepts_the_new_series() {
     support::require_prefect!();
-    let promtool = ["/usr/bin/promtool", "promtool"]
-        .into_iter()
-        .find(|p| Command::new(p).arg("--version").output().is_ok());
-    let Some(promtool) = promtool else {
-        assert!(!support::is_ci(), "CI=true: promtool is required");
-        eprintln!("SKIPPED: promtool not installed (Debian package prometheus)");
+    let Some(promtool) = support::tool("promtool", "promtool_accepts_the_new_series") else {
         return;
     };
     let server = PrefectServer::shared();
     let exp = spawn(&server.api_url(), &[]);
     exp.wait_for(all_groups_ok, WAIT);
     let text = exp.metrics_text();
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool runs");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool ends");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, report) = support::promtool_check_metrics(&promtool, &text);
     let kept = [
         "prefect_flow_runs_total ",
         "prefect_flow_runs_successes_total ",

@@ -94,9 +94,12 @@ impl Api {
         let url = format!("{}{}", self.base, path);
         let csrf = self.csrf.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut last_err = String::new();
-        for attempt in 0..6 {
+        // Transport errors: 6 tries over 1.5 s. 503s (SQLite busy under writes
+        // from several tests at once, on a loaded machine): 16 tries over 10 s.
+        let mut transport_errors = 0;
+        for attempt in 0..16u64 {
             if attempt > 0 {
-                thread::sleep(Duration::from_millis(100 * attempt));
+                thread::sleep(Duration::from_millis((100 * attempt).min(1000)));
             }
             let result = match (method, body) {
                 ("GET", _) => self.with_auth_get(self.agent.get(&url)).call(),
@@ -134,7 +137,7 @@ impl Api {
                 Ok(mut resp) => {
                     let status = resp.status().as_u16();
                     let text = resp.body_mut().read_to_string().unwrap_or_default();
-                    if status == 503 && attempt < 5 {
+                    if status == 503 && attempt < 15 {
                         last_err = format!("503 {text}");
                         continue;
                     }
@@ -145,7 +148,13 @@ impl Api {
                     };
                     return (status, value);
                 }
-                Err(e) => last_err = e.to_string(),
+                Err(e) => {
+                    last_err = e.to_string();
+                    transport_errors += 1;
+                    if transport_errors == 6 {
+                        break;
+                    }
+                }
             }
         }
         panic!("{method} {url}: {last_err}");
@@ -256,31 +265,53 @@ impl Api {
     ) -> Vec<String> {
         let mut ids = Vec::with_capacity(states.len());
         for chunk in states.chunks(100) {
-            let body: Vec<Value> = chunk
-                .iter()
-                .map(|(t, n)| json!({ "state": { "type": t, "name": n } }))
-                .collect();
-            let v = self.ok(
-                "POST",
-                &format!("/deployments/{deployment_id}/create_flow_run/bulk"),
-                Some(&Value::Array(body)),
-            );
-            let results = v["results"]
-                .as_array()
-                .unwrap_or_else(|| panic!("bulk: {v}"));
-            assert_eq!(results.len(), chunk.len(), "bulk create: {v}");
-            for r in results {
-                assert!(
-                    r["status"].as_str() != Some("FAILED"),
-                    "bulk create: a run failed: {r}"
+            // A run the server could not write ("database is locked": SQLite
+            // busy with another test's writes) is sent again, up to 10 times.
+            let mut chunk_ids: Vec<Option<String>> = vec![None; chunk.len()];
+            for attempt in 0..10u64 {
+                let todo: Vec<usize> = (0..chunk.len())
+                    .filter(|i| chunk_ids[*i].is_none())
+                    .collect();
+                if todo.is_empty() {
+                    break;
+                }
+                if attempt > 0 {
+                    thread::sleep(Duration::from_millis(200 * attempt));
+                }
+                let body: Vec<Value> = todo
+                    .iter()
+                    .map(|i| json!({ "state": { "type": chunk[*i].0, "name": chunk[*i].1 } }))
+                    .collect();
+                let v = self.ok(
+                    "POST",
+                    &format!("/deployments/{deployment_id}/create_flow_run/bulk"),
+                    Some(&Value::Array(body)),
                 );
-                let id = r["flow_run_id"]
-                    .as_str()
-                    .or_else(|| r["id"].as_str())
-                    .or_else(|| r["flow_run"]["id"].as_str())
-                    .unwrap_or_else(|| panic!("bulk create: no id in {r}"));
-                ids.push(id.to_string());
+                let results = v["results"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("bulk: {v}"));
+                assert_eq!(results.len(), todo.len(), "bulk create: {v}");
+                for (i, r) in todo.iter().zip(results) {
+                    if r["status"].as_str() == Some("FAILED") {
+                        assert!(
+                            r.to_string().contains("database is locked") && attempt < 9,
+                            "bulk create: a run failed: {r}"
+                        );
+                        continue;
+                    }
+                    let id = r["flow_run_id"]
+                        .as_str()
+                        .or_else(|| r["id"].as_str())
+                        .or_else(|| r["flow_run"]["id"].as_str())
+                        .unwrap_or_else(|| panic!("bulk create: no id in {r}"));
+                    chunk_ids[*i] = Some(id.to_string());
+                }
             }
+            ids.extend(
+                chunk_ids
+                    .into_iter()
+                    .map(|id| id.expect("bulk create: a run was never written")),
+            );
         }
         ids
     }

@@ -2,7 +2,7 @@
 //! request that hangs past the timeout), played by the stub. Each fault leaves
 //! /metrics answering with the last good values, bumps the error counter, and the
 //! next good collection brings fresh values back.
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -172,7 +172,7 @@ fn requests_per_collection_are_constant() {
             ("PREFECT_API_URL", &url),
             ("EXPORTER_CHECK_DEPLOYMENTS", check),
             ("EXPORTER_INTERVAL", "2"),
-            // The seed group's cost; the breakdown groups' is tests/request_cost.rs'.
+            // The seed group's cost; the breakdown groups' is tests/it/request_cost.rs'.
             ("EXPORTER_COLLECTORS", "seed"),
         ]);
         let n0 = exp.wait_for(|m| m.get(COLLECTIONS).is_some_and(|v| *v >= 1.0), WAIT)[COLLECTIONS];

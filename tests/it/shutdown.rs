@@ -1,8 +1,8 @@
 //! Issue 4: SIGTERM and SIGINT stop the exporter with exit code 0 within one
 //! second, whether a collection is blocked on a Prefect that never answers or the
 //! collector is waiting for its next turn. (The same with a real frozen Prefect
-//! server is in tests/faults.rs.)
-mod support;
+//! server is in tests/it/faults.rs.)
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -204,6 +204,48 @@ impl Exporter {
         }
     }
 
+    /// Asserts that the scrape `m` shows each of `gauges` (name, value; e.g.
+    /// `Expected::seed_gauges`) and no failed collection, naming this exporter's
+    /// log in a failure.
+    pub fn assert_gauges(&self, m: &HashMap<String, f64>, gauges: &[(&str, f64)]) {
+        for (name, want) in gauges {
+            assert_eq!(
+                m.get(*name),
+                Some(want),
+                "{name}: the server has {want}, the exporter shows {:?}\nstderr:\n{}",
+                m.get(*name),
+                self.stderr()
+            );
+        }
+        assert_eq!(
+            m.get("prefect_exporter_collect_errors_total"),
+            Some(&0.0),
+            "a collection failed\nstderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Polls the exporter's log until `cond` holds and returns it; panics with the
+    /// log after 5 s. A collection's log line is written just after its metrics
+    /// are published, so a scrape can show a collection whose line is not there yet.
+    pub fn wait_log(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        poll(Duration::from_secs(5), Duration::from_millis(20), || {
+            let log = self.stderr();
+            cond(&log).then_some(log)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "not in the log within 5 s: {what}\nstderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+
+    /// Waits for the first collection, successful or not, and returns its scrape.
+    pub fn first_collection(&self, timeout: Duration) -> HashMap<String, f64> {
+        self.wait_for(|m| collections(m) >= 1.0, timeout)
+    }
+
     pub fn signal(&self, sig: i32) -> bool {
         send_signal(self.child.id(), sig)
     }
