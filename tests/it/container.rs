@@ -31,8 +31,13 @@ const MAX_IMAGE_BYTES: u64 = 4_000_000;
 /// 3,600,000 until stop 26: 3,559,344 bytes before it, 3,613,904 after (the
 /// HTTP side's look at its own connections, the refusing thread and the start
 /// afresh on the same socket, and issue 23's proofs of the late runs and runs
-/// in progress), with no new dependency.
-const MAX_BINARY_BYTES: u64 = 3_650_000;
+/// in progress), with no new dependency. 3,650,000 until stop 27: issue 24's
+/// shape, measured commit by commit with scripts/static.sh: 3,614,160 bytes
+/// before it, +8.6 kB for the library target, +13.5 kB for the groups'
+/// families, +3.3 kB for the one pager, +15.5 kB for the settings table (its
+/// meanings now print in --help) and the new families: 3,655,056. No new
+/// dependency; the image stays under 4 MB.
+const MAX_BINARY_BYTES: u64 = 3_700_000;
 
 /// `scripts/podman.sh ARGS`: podman with this machine's flags (cgroupfs, runc, ulimits).
 fn podman(args: &[&str]) -> Output {
