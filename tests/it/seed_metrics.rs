@@ -207,3 +207,15 @@ fn help_lists_every_setting_and_version_prints_it() {
         format!("prefect-exporter {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// The harness writes the specified state lists out on its own (from
+/// prefect-api.md and the specification), to seed and to count; the
+/// exporter's lists must be the same ones.
+#[test]
+fn the_harness_and_the_exporter_know_the_same_states() {
+    use prefect_exporter::collect::{flow_runs, seed};
+    assert_eq!(support::STATES, flow_runs::KNOWN_STATES);
+    assert_eq!(support::SUCCESS_NAMES, seed::SUCCESS_STATES);
+    assert_eq!(support::ERROR_NAMES, seed::ERROR_STATES);
+    assert_eq!(support::WARNING_NAMES, seed::WARNING_STATES);
+}
