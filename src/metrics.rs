@@ -88,11 +88,11 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(
 
 impl Own {
     fn new(r: &Registry) -> Own {
-        let vec = |name, help| Opts::new(name, help);
+        let opts = |name, help| Opts::new(name, help);
         let build_info = register(
             r,
             IntGaugeVec::new(
-                vec(
+                opts(
                     "prefect_exporter_build_info",
                     "Version and source revision of the running exporter; always 1.",
                 ),
@@ -141,7 +141,7 @@ impl Own {
             collector_success: register(
                 r,
                 IntGaugeVec::new(
-                    vec(
+                    opts(
                         "prefect_exporter_collector_success",
                         "1 when the collect group succeeded in the last collection, else 0.",
                     ),
@@ -151,7 +151,7 @@ impl Own {
             collector_duration: register(
                 r,
                 GaugeVec::new(
-                    vec(
+                    opts(
                         "prefect_exporter_collector_duration_seconds",
                         "Wall time of the collect group in the last collection, in seconds.",
                     ),
@@ -161,7 +161,7 @@ impl Own {
             api_requests: register(
                 r,
                 IntCounterVec::new(
-                    vec(
+                    opts(
                         "prefect_exporter_api_requests_total",
                         "Requests sent to the Prefect API, retries included, by HTTP status \
                          (code=\"none\": no answer, e.g. timeout or refused connection).",

@@ -51,10 +51,11 @@ fn masked(text: &str) -> String {
     ];
     let mut out = String::new();
     for line in text.lines() {
-        if line.starts_with("process_") || line.starts_with("# HELP process_") {
-            continue;
-        }
-        if line.starts_with("# TYPE process_") {
+        // The process series are read at scrape time, outside the render.
+        let family = line
+            .trim_start_matches("# HELP ")
+            .trim_start_matches("# TYPE ");
+        if family.starts_with("process_") {
             continue;
         }
         if line.starts_with('#') {
@@ -107,6 +108,14 @@ fn map_times(v: &Value, f: &dyn Fn(f64) -> String) -> Value {
 fn key(method: &str, path: &str, body: &Value) -> String {
     let body = map_times(body, &|_| "<t>".into());
     format!("{method} {path} {body}")
+}
+
+/// The exporter with the golden settings, against the stub.
+fn exporter_of(stub: &Stub) -> Exporter {
+    let url = stub.api_url();
+    let mut env = ENV.to_vec();
+    env.push(("PREFECT_API_URL", &url));
+    Exporter::spawn(&env)
 }
 
 fn scrape_after_last_collection(exp: &Exporter) -> String {
@@ -166,10 +175,7 @@ fn the_rendering_of_recorded_answers_is_unchanged() {
         Response::json(status, &answer)
     })));
     *offset.lock().unwrap_or_else(|e| e.into_inner()) = rfc3339::now() - recorded_at;
-    let mut env = ENV.to_vec();
-    let url = stub.api_url();
-    env.push(("PREFECT_API_URL", &url));
-    let exp = Exporter::spawn(&env);
+    let exp = exporter_of(&stub);
     let text = masked(&scrape_after_last_collection(&exp));
     let unknown = unknown.lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert!(unknown.is_empty(), "requests never recorded: {unknown:#?}");
@@ -259,11 +265,8 @@ fn record() {
         }));
         Response::json(status, &answer)
     })));
-    let mut env = ENV.to_vec();
-    let url = stub.api_url();
-    env.push(("PREFECT_API_URL", &url));
     let started = rfc3339::now();
-    let exp = Exporter::spawn(&env);
+    let exp = exporter_of(&stub);
     // Between collections: a scheduled run starts, another ends, one fails.
     let runs: Vec<_> = expected
         .runs
