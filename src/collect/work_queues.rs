@@ -17,21 +17,6 @@ use super::listing::all_pages;
 use crate::prefect::{ApiError, Client};
 use crate::rfc3339;
 
-#[derive(Debug, Clone, PartialEq)]
-struct WorkQueueSeries {
-    work_pool: String,
-    name: String,
-    status: String,
-    paused: bool,
-    priority: Option<i64>,
-    /// Unix time of the last poll by a worker; `None` when never polled.
-    last_polled: Option<f64>,
-    late_runs: u64,
-    concurrency_limit: Option<u64>,
-    /// Only on servers that give it (3.6.23 and later) and queues with a limit.
-    active_slots: Option<u64>,
-}
-
 #[derive(Deserialize)]
 struct Queue {
     id: String,
@@ -59,14 +44,12 @@ pub fn collect(
     deadline: Instant,
 ) -> Result<Vec<Family>, ApiError> {
     let queues: Vec<Queue> = all_pages(client, "/work_queues/filter", |q: &Queue| &q.id, deadline)?;
-    let queues: Vec<WorkQueueSeries> = queues
-        .into_iter()
-        .map(|q| queue_series(q, late_by_queue))
-        .collect();
-    Ok(families(&queues))
+    Ok(families(&queues, late_by_queue))
 }
 
-fn families(queues: &[WorkQueueSeries]) -> Vec<Family> {
+/// Absent fields (an older server: no `active_slots`, no `status`) leave their
+/// series out or their label empty, never an error.
+fn families(queues: &[Queue], late_by_queue: &HashMap<String, u64>) -> Vec<Family> {
     const QUEUE: &[&str] = &["work_pool", "work_queue"];
     let mut info = Family::gauge(
         "prefect_work_queue_info",
@@ -95,13 +78,16 @@ fn families(queues: &[WorkQueueSeries]) -> Vec<Family> {
     );
     for q in queues {
         let priority = q.priority.map(|p| p.to_string()).unwrap_or_default();
-        let paused = bool_label(q.paused);
-        info.set(&[&q.work_pool, &q.name, &q.status, paused, &priority], 1.0);
-        let labels = [q.work_pool.as_str(), q.name.as_str()];
-        if let Some(t) = q.last_polled {
+        let pool = q.work_pool_name.as_deref().unwrap_or_default();
+        let status = q.status.as_deref().unwrap_or_default();
+        let paused = bool_label(q.is_paused);
+        info.set(&[pool, &q.name, status, paused, &priority], 1.0);
+        let labels = [pool, q.name.as_str()];
+        if let Some(t) = polled(q) {
             last_polled.set(&labels, t);
         }
-        late.set(&labels, q.late_runs as f64);
+        let n = late_by_queue.get(&q.id).copied().unwrap_or(0);
+        late.set(&labels, n as f64);
         if let Some(l) = q.concurrency_limit {
             limit.set(&labels, l as f64);
         }
@@ -123,30 +109,20 @@ fn families(queues: &[WorkQueueSeries]) -> Vec<Family> {
     ]
 }
 
-fn queue_series(q: Queue, late_by_queue: &HashMap<String, u64>) -> WorkQueueSeries {
-    let last_polled = q.last_polled.as_deref().and_then(|t| {
-        let parsed = rfc3339::parse(t);
-        if parsed.is_none() {
-            log::debug!("work queue {}: unreadable last_polled {t:?}", q.name);
-        }
-        parsed
-    });
-    WorkQueueSeries {
-        work_pool: q.work_pool_name.unwrap_or_default(),
-        late_runs: late_by_queue.get(&q.id).copied().unwrap_or(0),
-        name: q.name,
-        status: q.status.unwrap_or_default(),
-        paused: q.is_paused,
-        priority: q.priority,
-        last_polled,
-        concurrency_limit: q.concurrency_limit,
-        active_slots: q.active_slots,
+/// Unix time of the last poll by a worker; `None` when never polled.
+fn polled(q: &Queue) -> Option<f64> {
+    let t = q.last_polled.as_deref()?;
+    let parsed = rfc3339::parse(t);
+    if parsed.is_none() {
+        log::debug!("work queue {}: unreadable last_polled {t:?}", q.name);
     }
+    parsed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::family::{len, value};
 
     fn recorded() -> Vec<Queue> {
         let v: serde_json::Value =
@@ -158,32 +134,50 @@ mod tests {
     #[test]
     fn recorded_queues_give_status_poll_limit_slots_and_late_runs() {
         let late = HashMap::from([("9d5ce0cf-0900-4420-8b28-444e01d3fcef".to_string(), 2)]);
-        let q: Vec<WorkQueueSeries> = recorded()
-            .into_iter()
-            .map(|q| queue_series(q, &late))
-            .collect();
-        assert_eq!(q.len(), 3);
-        let by_name = |n: &str| q.iter().find(|s| s.name == n).unwrap();
-        let default = by_name("default");
-        assert_eq!(default.work_pool, "pool-ops");
-        assert_eq!(default.status, "READY");
+        let f = families(&recorded(), &late);
+        assert_eq!(value(&f, "prefect_work_queues", &[]), Some(3.0));
+        assert_eq!(len(&f, "prefect_work_queue_info"), 3);
+        let get = |name: &str, queue: &str| value(&f, name, &["pool-ops", queue]);
+        let info = |queue: &str, status: &str, paused: &str, priority: &str| {
+            let l = ["pool-ops", queue, status, paused, priority];
+            value(&f, "prefect_work_queue_info", &l)
+        };
+        assert_eq!(info("default", "READY", "false", "1"), Some(1.0));
         assert_eq!(
-            default.last_polled,
+            get(
+                "prefect_work_queue_last_polled_timestamp_seconds",
+                "default"
+            ),
             rfc3339::parse("2026-12-01T06:17:31.279727Z")
         );
-        assert_eq!(default.concurrency_limit, None);
-        assert_eq!(default.active_slots, None);
-        assert_eq!(default.late_runs, 0);
-        assert_eq!(default.priority, Some(1));
-        let limited = by_name("ops-limited");
-        assert_eq!(limited.concurrency_limit, Some(3));
-        assert_eq!(limited.active_slots, Some(4));
-        assert_eq!(limited.late_runs, 2);
-        assert_eq!(limited.last_polled, None, "never polled");
-        assert_eq!(limited.priority, Some(5));
-        let paused = by_name("ops-paused");
-        assert!(paused.paused);
-        assert_eq!(paused.status, "NOT_READY");
+        assert_eq!(get("prefect_work_queue_concurrency_limit", "default"), None);
+        assert_eq!(get("prefect_work_queue_active_slots", "default"), None);
+        assert_eq!(
+            get("prefect_work_queue_late_flow_runs", "default"),
+            Some(0.0)
+        );
+        assert_eq!(
+            get("prefect_work_queue_concurrency_limit", "ops-limited"),
+            Some(3.0)
+        );
+        assert_eq!(
+            get("prefect_work_queue_active_slots", "ops-limited"),
+            Some(4.0)
+        );
+        assert_eq!(
+            get("prefect_work_queue_late_flow_runs", "ops-limited"),
+            Some(2.0)
+        );
+        assert_eq!(
+            get(
+                "prefect_work_queue_last_polled_timestamp_seconds",
+                "ops-limited"
+            ),
+            None,
+            "never polled"
+        );
+        assert_eq!(info("ops-limited", "NOT_READY", "false", "5"), Some(1.0));
+        assert_eq!(info("ops-paused", "NOT_READY", "true", "2"), Some(1.0));
     }
 
     #[test]
@@ -193,9 +187,9 @@ mod tests {
                  "priority":1,"work_pool_id":"p","filter":null,"last_polled":null}]"#,
         )
         .unwrap();
-        let s = queue_series(q.into_iter().next().unwrap(), &HashMap::new());
-        assert_eq!(s.active_slots, None);
-        assert_eq!(s.work_pool, "");
-        assert_eq!(s.status, "");
+        let f = families(&q, &HashMap::new());
+        assert_eq!(len(&f, "prefect_work_queue_active_slots"), 0);
+        let info = ["", "default", "", "false", "1"];
+        assert_eq!(value(&f, "prefect_work_queue_info", &info), Some(1.0));
     }
 }
